@@ -1,0 +1,1 @@
+"""SDXL model parts written for fastface: UNet, attention, text encoders, VAE, vision encoders, loading."""

@@ -1,0 +1,1 @@
+"""Few-step samplers (installed as ``fastface.samplers``)."""
