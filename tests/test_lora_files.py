@@ -15,6 +15,7 @@ import os
 import pytest
 import torch
 from safetensors.torch import save_file
+from tiny import diffusers_tiny_unet
 
 from fastface.models.loading import WeightFormatError, assign_state_dict
 from fastface.models.lora_files import fuse_lora, load_lora, parse_lora
@@ -78,13 +79,7 @@ def weight_of(model: torch.nn.Module, name: str) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def ref_base():
     """diffusers' tiny UNet2DConditionModel with random weights (the shared base)."""
-    torch.manual_seed(0)
-    cfg = {k: v for k, v in TINY.to_diffusers_config().items() if k != "_class_name"}
-    model = diffusers.UNet2DConditionModel(**cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model
+    return diffusers_tiny_unet()
 
 
 @pytest.fixture(scope="module")

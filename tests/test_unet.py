@@ -13,6 +13,7 @@ import os
 import pytest
 import torch
 from safetensors.torch import save_file
+from tiny import diffusers_tiny_unet
 
 import fastface
 from fastface.models.attention import IdentityAttention, attention, split_heads
@@ -41,13 +42,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.fixture(scope="module")
 def unet_ref():
     """diffusers' UNet2DConditionModel with the tiny config and random weights (noise on every parameter)."""
-    torch.manual_seed(0)
-    cfg = {k: v for k, v in TINY.to_diffusers_config().items() if k != "_class_name"}
-    model = diffusers.UNet2DConditionModel(**cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model
+    return diffusers_tiny_unet()
 
 
 @pytest.fixture(scope="module")
