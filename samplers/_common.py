@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -52,7 +52,15 @@ def call(model: Model, x_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return out.to(x_in.dtype)
 
 
-def noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Standard normal noise like x, drawn as diffusers' randn_tensor does (on the generator's device, then moved)."""
+def noise_like(x: torch.Tensor, generator: torch.Generator | Sequence[torch.Generator] | None) -> torch.Tensor:
+    """Standard normal noise like x, drawn as diffusers' randn_tensor does (on the generator's device, then moved).
+
+    A list of generators (one per sample, as diffusers also accepts) draws sample i from generator i, so a
+    sample's noise does not depend on the other samples of the batch.
+    """
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != x.shape[0]:
+            raise ValueError(f"got {len(generator)} generators for a batch of {x.shape[0]}; give one per sample")
+        return torch.cat([noise_like(x[i : i + 1], g) for i, g in enumerate(generator)])
     device = generator.device if generator is not None else x.device
     return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
