@@ -81,7 +81,7 @@ def timm_eva():
         import timm  # noqa: F401
     except ModuleNotFoundError as exc:
         if exc.name == "timm":
-            pytest.skip("timm is not installed (test extra)")
+            pytest.fail("timm is missing: run the README test command (pip install --no-deps timm==1.0.31 facexlib==0.3.0)")
         fakes = _fake_torchvision()
         saved = {k: sys.modules.get(k) for k in fakes}
         sys.modules.update(fakes)

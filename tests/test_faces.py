@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-pytest.importorskip("onnx")
-pytest.importorskip("insightface")
+import onnx  # noqa: F401
+import insightface  # noqa: F401
 
 from insightface.utils import face_align  # noqa: E402
 from onnx_face_models import (  # noqa: E402

@@ -22,8 +22,8 @@ from fastface.models.lora_files import fuse_lora, load_lora, parse_lora
 from fastface.models.unet import UNet, get_unet_config
 from fastface.models.unet_loading import ldm_key_map
 
-diffusers = pytest.importorskip("diffusers")
-peft = pytest.importorskip("peft")
+import diffusers
+import peft
 from diffusers.loaders.lora_pipeline import StableDiffusionXLLoraLoaderMixin as SDXLLoRA  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
