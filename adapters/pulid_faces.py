@@ -6,8 +6,9 @@ Steps, as upstream:
 1. The photo's long edge is reduced to at most 1024 px (``cv2.INTER_LANCZOS4``, no upscaling; ``app.py``).
 2. insightface ``antelopev2`` (our :class:`~fastface.adapters.faces.FaceAnalyzer`, ``pack="antelopev2"``): the face with
    the **largest** box, its **raw** (not normalised) 512-d ``embedding``.
-3. Alignment to 512²: ``cv2.estimateAffinePartial2D(landmarks, template, method=cv2.LMEDS)`` and ``cv2.warpAffine``
-   with ``BORDER_CONSTANT`` and border value (135, 133, 132), exactly facexlib's ``FaceRestoreHelper.align_warp_face``.
+3. Alignment to 512² from 5 landmarks (see "two paths" below):
+   ``cv2.estimateAffinePartial2D(landmarks, template, method=cv2.LMEDS)`` and ``cv2.warpAffine`` with
+   ``BORDER_CONSTANT`` and border value (135, 133, 132), exactly facexlib's ``FaceRestoreHelper.align_warp_face``.
    ``template="facexlib"`` (default) is what upstream runs with the facexlib its requirements install (PyPI 0.3.0,
    ``template_3points=False``): all 5 landmarks onto the FFHQ template. ``template="3points"`` uses eyes + nose onto
    ``[[192, 240], [319, 240], [257, 371]]`` (facexlib's ``template_3points=True``, the default of older git versions).
@@ -18,15 +19,27 @@ Steps, as upstream:
 5. EVA input: bicubic resize to 336 (no antialias), OpenAI CLIP normalisation
    (:func:`fastface.models.eva_clip.eva_preprocess`); ``id_cond = [raw embedding ‖ L2-normalised EVA CLS projection]``.
 
-**Difference from upstream (landmarks).** Upstream aligns with landmarks from facexlib's RetinaFace-ResNet50
-(``detection_Resnet50_Final.pth``, confidence 0.97, the face closest to the image centre), a second detector next to
-insightface. fastface uses the 5 keypoints insightface's antelopev2 detector (SCRFD-10G) already returns for the chosen
-(largest) face. With identical landmarks the crop equals facexlib's exactly (tested against
-``FaceRestoreHelper.align_warp_face``); the two detectors' landmarks differ by a few pixels on real photos, which moves
-the 512² crop by a similar amount, and in multi-face photos upstream may align a different face (centre-most) than the
-one it embeds (largest), while fastface uses the same face for both. The size of the landmark difference has not been
-measured here (no detector weights are available offline). Upstream's fallback when insightface finds no face
-(ArcFace on the RetinaFace-aligned crop) does not exist here: no face raises :class:`~fastface.adapters.faces.NoFaceError`.
+**Landmarks: two paths.**
+
+* ``detector=RetinaFace`` (:class:`fastface.models.retinaface.RetinaFace`, loaded from facexlib's
+  ``detection_Resnet50_Final.pth``): upstream's way and the default whenever those weights are given. RetinaFace-R50
+  runs on the (≤ 1024 px) BGR photo at its own size (BGR − (104, 117, 123), confidence > 0.97, NMS at IoU 0.4) and
+  the face whose box centre is **nearest the image centre** gives the 5 landmarks (facexlib
+  ``FaceRestoreHelper.get_face_landmarks_5(only_center_face=True)``). The embedding still comes from insightface's
+  **largest** face, so, as upstream, a multi-face photo can embed one face and align another. If insightface finds no
+  face, the embedding is upstream's fallback: antelopev2's ArcFace (``get_feat``) on the 512² RetinaFace-aligned crop.
+  If RetinaFace finds no face, :class:`~fastface.adapters.faces.NoFaceError` (upstream: "facexlib align face fail").
+  Tested equal (bit-exact crop) to facexlib's detection → 5 points → ``align_warp_face`` on the same random weights.
+* ``detector=None``: the 5 keypoints insightface's antelopev2 detector (SCRFD-10G) returns for the chosen
+  (**largest**) face, so one face is both embedded and aligned and no second detector is needed. With identical
+  landmarks the crop equals facexlib's exactly (tested against ``align_warp_face``), but SCRFD's keypoints are not
+  RetinaFace's (another network, trained on other labels): on real photos they will differ somewhat, which shifts and
+  rotates the 512² crop by as much, and in multi-face photos the aligned face may differ from upstream's (largest vs
+  centre-most).
+
+Not measured here: the numeric size of the SCRFD-vs-RetinaFace landmark difference (and its effect on the crop, the
+parsing mask and the EVA features). That needs real photos and the released weights (antelopev2 and
+``detection_Resnet50_Final.pth``), none of which are available offline; random weights only prove the code paths equal.
 """
 
 from __future__ import annotations
@@ -46,8 +59,9 @@ from torch import nn
 
 from fastface.models.eva_clip import EVAVisionTower, eva_preprocess
 from fastface.models.loading import WeightFormatError, assign_state_dict, read_weights
+from fastface.models.retinaface import RetinaFace, center_face_index
 
-from .faces import FaceAnalyzer, ImageInput, load_image
+from .faces import FaceAnalyzer, ImageInput, NoFaceError, load_image
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +74,7 @@ __all__ = [
     "load_bisenet",
     "resize_long_edge",
     "align_face",
+    "retinaface_landmarks",
     "parse_face",
     "face_features_image",
     "PuLIDFaceInputs",
@@ -273,6 +288,19 @@ def align_face(
     )
 
 
+def retinaface_landmarks(detector: RetinaFace, bgr: np.ndarray, *, source: str = "<image>") -> np.ndarray:
+    """The 5 landmarks [5, 2] (float32) of the face nearest the image centre, as facexlib's
+    ``FaceRestoreHelper.get_face_landmarks_5(only_center_face=True)`` (RetinaFace at the original size, score > 0.97).
+    """
+    det = detector.detect(bgr, conf_threshold=0.97, nms_threshold=0.4)
+    if len(det) == 0:
+        raise NoFaceError(
+            f"{source}: RetinaFace found no face with confidence > 0.97 (upstream fails here too: 'facexlib align "
+            "face fail'). Use a photo where one face is clearly visible, frontal and not cut off."
+        )
+    return det.landmarks[center_face_index(det.boxes, bgr.shape[0], bgr.shape[1])]
+
+
 def _to_rgb_tensor(aligned_bgr: np.ndarray, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
     rgb = np.ascontiguousarray(aligned_bgr[..., ::-1]).astype(np.float32)
     return (torch.from_numpy(rgb).permute(2, 0, 1)[None] / 255.0).to(device=device, dtype=dtype)  # [1, 3, H, W]
@@ -303,7 +331,8 @@ def face_features_image(rgb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
 class PuLIDFaceInputs:
     """One photo's PuLID inputs: ``id_cond`` [1, 512 + 768] and the EVA hidden states (5 × [1, 577, 1024]).
 
-    ``aligned`` (512² BGR uint8) and ``features`` ([1, 3, 512, 512] whitened grey face) are kept for inspection.
+    ``aligned`` (512² BGR uint8), ``features`` ([1, 3, 512, 512] whitened grey face) and ``landmarks`` ([5, 2], the
+    points the alignment used: RetinaFace's or insightface's) are kept for inspection.
     """
 
     id_cond: torch.Tensor
@@ -311,10 +340,15 @@ class PuLIDFaceInputs:
     aligned: np.ndarray
     features: torch.Tensor
     source: str
+    landmarks: np.ndarray | None = None
 
 
 class PuLIDFacePreprocessor:
-    """antelopev2 + alignment + BiSeNet + EVA02-CLIP: photos -> :class:`PuLIDFaceInputs` (see the module doc)."""
+    """antelopev2 + alignment + BiSeNet + EVA02-CLIP: photos -> :class:`PuLIDFaceInputs` (see the module doc).
+
+    ``detector``: facexlib's RetinaFace-R50 (:meth:`RetinaFace.from_pretrained` on ``detection_Resnet50_Final.pth``)
+    to align as upstream (centre-most face); None aligns with insightface's keypoints of the largest face.
+    """
 
     def __init__(
         self,
@@ -324,13 +358,18 @@ class PuLIDFacePreprocessor:
         *,
         template: Literal["facexlib", "3points"] = "facexlib",
         long_edge: int = 1024,
+        detector: RetinaFace | None = None,
     ) -> None:
+        if detector is not None and not isinstance(detector, RetinaFace):
+            raise ValueError(
+                f"detector must be a fastface.models.retinaface.RetinaFace (or None), got {type(detector).__name__}"
+            )
         if template not in TEMPLATES:
             raise ValueError(f"template must be one of {sorted(TEMPLATES)}, got {template!r}")
         if analyzer.pack != "antelopev2":
             logger.warning("PuLID was trained with antelopev2 embeddings; the analyzer uses pack %r", analyzer.pack)
         self.analyzer, self.bisenet, self.eva = analyzer, bisenet, eva
-        self.template, self.long_edge = template, long_edge
+        self.template, self.long_edge, self.detector = template, long_edge, detector
 
     @torch.no_grad()
     def __call__(
@@ -338,15 +377,28 @@ class PuLIDFacePreprocessor:
     ) -> PuLIDFaceInputs:
         bgr, name = load_image(image, channels=channels, source=source)
         bgr = resize_long_edge(bgr, self.long_edge)
-        info = self.analyzer.analyze(bgr, choose="largest", channels="bgr", source=name)
-        if info.raw_embedding is None or info.kps is None:
-            raise ValueError(f"{name}: the face analyzer returned no raw embedding or keypoints")
-        aligned = align_face(bgr, info.kps, template=self.template)
+        if self.detector is None:
+            info = self.analyzer.analyze(bgr, choose="largest", channels="bgr", source=name)
+            if info.raw_embedding is None or info.kps is None:
+                raise ValueError(f"{name}: the face analyzer returned no raw embedding or keypoints")
+            raw, kps = np.asarray(info.raw_embedding, dtype=np.float32), info.kps
+            aligned = align_face(bgr, kps, template=self.template)
+        else:
+            kps = retinaface_landmarks(self.detector, bgr, source=name)
+            aligned = align_face(bgr, kps, template=self.template)
+            try:
+                info = self.analyzer.analyze(bgr, choose="largest", channels="bgr", source=name)
+                if info.raw_embedding is None:
+                    raise ValueError(f"{name}: the face analyzer returned no raw embedding")
+                raw = np.asarray(info.raw_embedding, dtype=np.float32)
+            except NoFaceError:  # upstream: ArcFace on the RetinaFace-aligned crop
+                logger.info("%s: insightface found no face; embedding the RetinaFace-aligned crop", name)
+                raw = np.asarray(self.analyzer.recognizer.get_feat(aligned), dtype=np.float32).reshape(-1)
         p = next(self.bisenet.parameters())
         rgb = _to_rgb_tensor(aligned, p.device, p.dtype)
         features = face_features_image(rgb, parse_face(self.bisenet, rgb))
         w = self.eva.patch_embed.proj.weight
         out = self.eva(eva_preprocess(features.to(device=w.device, dtype=w.dtype), self.eva.config.image_size))
-        raw = torch.from_numpy(np.array(info.raw_embedding, dtype=np.float32))[None].to(device=w.device, dtype=w.dtype)
-        id_cond = torch.cat([raw, out.normed_embeds], dim=-1)
-        return PuLIDFaceInputs(id_cond, out.hidden_states, aligned, features, name)
+        raw_t = torch.from_numpy(raw.copy())[None].to(device=w.device, dtype=w.dtype)
+        id_cond = torch.cat([raw_t, out.normed_embeds], dim=-1)
+        return PuLIDFaceInputs(id_cond, out.hidden_states, aligned, features, name, np.array(kps, dtype=np.float32))
