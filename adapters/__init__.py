@@ -16,6 +16,9 @@ _EXPORTS = {
     "ProjPlusModel": "fastface.adapters.faceid",
     "FaceAnalyzer": "fastface.adapters.faces",
     "FaceInfo": "fastface.adapters.faces",
+    "PuLID": "fastface.adapters.pulid",
+    "PuLIDHandle": "fastface.adapters.pulid",
+    "PuLIDFacePreprocessor": "fastface.adapters.pulid_faces",
 }
 
 __all__ = sorted(_EXPORTS)

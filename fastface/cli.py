@@ -1,7 +1,8 @@
 """The ``fastface`` command: ``fastface generate`` (face + prompt -> PNG), ``fastface embed``, ``fastface selfcheck``.
 
 Exit codes: 0 success; 1 an internal error (with a traceback); 2 a bad option or value; 3 weights missing or
-unreadable; 4 a face problem (no face found, unreadable photo or face file, no crop for FaceID-Plus-v2).
+unreadable; 4 a face problem (no face found, unreadable photo or face file, no crop for FaceID-Plus-v2, an
+embedding where PuLID needs a photo or a PuLID face file).
 Every error other than 1 is reported as one line on stderr.
 """
 
@@ -21,7 +22,8 @@ logger = logging.getLogger(__name__)
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_WEIGHTS, EXIT_FACE = 0, 1, 2, 3, 4
 METHODS = ("baseline", "dcg", "am1", "am2", "fastface-am1", "fastface-am2")
 PRESETS = ("hyper", "lightning", "lcm", "turbo", "tcd")
-ADAPTERS = ("faceid", "faceid-plusv2")
+ADAPTERS = ("faceid", "faceid-plusv2", "pulid", "pulid-v1.1")
+PULID_MODES = ("fidelity", "style", "v1.1", "plain")
 
 EPILOG = """\
 exit codes: 0 ok, 2 bad option or value, 3 weights missing or unreadable, 4 face problem (no face found,
@@ -32,6 +34,7 @@ examples:
       astronaut" --download
   fastface generate --face me1.jpg --face me2.jpg --prompt "..." --method dcg --set alpha=1,2,2,1 --num-images 4
   fastface embed --face me.jpg -o me.safetensors    # then: fastface generate --face me.safetensors ...
+  fastface generate --adapter pulid --face me.jpg --prompt "..." --download      # PuLID v1, fidelity mode
   fastface selfcheck
 """
 
@@ -85,10 +88,20 @@ def _add_weights(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weights", "--lora", dest="weights",
                    help="local distilled weights: the LoRA file (hyper, lcm, tcd) or the UNet file (lightning)")
     g.add_argument("--vae", help="VAE folder, file or repo id (e.g. madebyollin/sdxl-vae-fp16-fix)")
-    g.add_argument("--adapter-file", help="local IP-Adapter FaceID / FaceID-Plus-v2 file (.bin or .safetensors)")
+    g.add_argument("--adapter-file", help="local adapter file: IP-Adapter FaceID / FaceID-Plus-v2 (.bin or "
+                   ".safetensors), or PuLID (pulid_v1.bin / pulid_v1.1.safetensors)")
     g.add_argument("--image-encoder", help="local CLIP ViT-H/14 image encoder folder (FaceID-Plus-v2)")
-    g.add_argument("--face-root", help="insightface folder holding models/buffalo_l (default ~/.insightface; "
-                   "with --download a missing pack is fetched from the insightface releases)")
+    _add_face_models(g)
+
+
+def _add_face_models(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("--face-root", help="insightface folder holding models/buffalo_l (PuLID: models/antelopev2 and "
+                   "models/facexlib/parsing_bisenet.pth); default ~/.insightface; with --download a missing pack is "
+                   "fetched from the insightface releases")
+    g.add_argument("--eva", help="PuLID: local EVA02-CLIP-L-14-336 checkpoint (default: QuanSun/EVA-CLIP "
+                   "EVA02_CLIP_L_336_psz14_s6B.pt from the Hugging Face cache); needed for photos only")
+    g.add_argument("--face-parser", help="PuLID: local facexlib parsing_bisenet.pth (default: found in "
+                   "FACE_ROOT/models/facexlib; with --download fetched from facexlib's GitHub release)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", "-p", required=True, help="the text prompt")
     g.add_argument("--face", "-f", action="append", required=True, metavar="PATH",
                    help="a face photo, or a face file (.npy / .safetensors, see 'fastface embed'); repeat for "
-                   "several photos of the same person (their embeddings are averaged)")
+                   "several photos of the same person (their embeddings are averaged; PuLID concatenates them)")
     g.add_argument("--negative-prompt", "-n", help="negative prompt (default: none, i.e. SDXL's zero null text)")
     g.add_argument("--num-images", type=int, default=1, help="images to generate (default 1)")
     g.add_argument("--seed", type=int, help="seed of the first image; image i uses seed + i (default: random)")
@@ -118,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = gen.add_argument_group("model and method")
     g.add_argument("--preset", default="hyper", choices=PRESETS, help="distilled model recipe (default hyper)")
     g.add_argument("--adapter", default="faceid-plusv2", choices=ADAPTERS,
-                   help="identity adapter (default faceid-plusv2)")
+                   help="identity adapter (default faceid-plusv2); pulid = PuLID v1, pulid-v1.1 = PuLID v1.1")
     g.add_argument("--method", default="fastface-am1", choices=METHODS,
                    help="guidance/attention method (default fastface-am1)")
     g.add_argument("--set", action="append", metavar="KEY=VALUE", dest="method_set",
@@ -130,9 +143,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sampler-param", action="append", metavar="KEY=VALUE", help="a sampler parameter, e.g. eta=0.3")
     g.add_argument("--height", type=int, help="image height (default: the preset's resolution)")
     g.add_argument("--width", type=int, help="image width (default: the preset's resolution)")
-    g.add_argument("--ip-scale", type=float, help="identity attention weight (default 0.8)")
-    g.add_argument("--lora-scale", type=float, help="weight of the adapter's LoRA (default 1.0)")
+    g.add_argument("--ip-scale", type=float, help="identity attention weight (default 0.8; PuLID's id_scale)")
+    g.add_argument("--lora-scale", type=float, help="weight of the adapter's LoRA (default 1.0; not PuLID)")
     g.add_argument("--s-scale", type=float, help="FaceID-Plus-v2 shortcut weight (default 1.0)")
+    g.add_argument("--pulid-mode", choices=PULID_MODES,
+                   help="PuLID zero tokens + projection: fidelity (8 + ORTHO_v2, v1 default), style (16 + ORTHO), "
+                   "v1.1 (20 + ORTHO_v2, v1.1 default), plain")
+    g.add_argument("--id-mix", action="store_true",
+                   help="PuLID v1 with several photos: keep all 10 tokens of every photo (default: 5 for extra ones)")
     g = gen.add_argument_group("runtime")
     g.add_argument("--device", help="cuda, cuda:1, cpu, mps ... (default: cuda if available)")
     g.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), help="default fp16 on CUDA, fp32 elsewhere")
@@ -143,11 +161,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     emb = sub.add_parser("embed", help="save a person's face embedding (+ aligned crops) as a face file",
                          description="Detect the face in each photo and save the identity as a .safetensors face "
-                         "file (embedding [512] and aligned crops) that --face accepts.")
+                         "file that --face accepts: embedding [512] and aligned crops (FaceID adapters), or with "
+                         "--adapter pulid / pulid-v1.1 PuLID's encoder inputs (id_cond and EVA hidden states).")
     emb.add_argument("--face", "-f", action="append", required=True, metavar="PATH", help="face photo (repeatable)")
     emb.add_argument("--output", "-o", required=True, help="output .safetensors file")
-    emb.add_argument("--face-root", help="insightface folder holding models/buffalo_l (default ~/.insightface)")
-    emb.add_argument("--download", action="store_true", help="download the insightface pack if it is missing")
+    emb.add_argument("--adapter", default="faceid-plusv2", choices=ADAPTERS,
+                     help="the adapter the file is for: faceid / faceid-plusv2 (default; one format) or "
+                     "pulid / pulid-v1.1 (one format)")
+    g = emb.add_argument_group("face models")
+    _add_face_models(g)
+    g.add_argument("--download", action="store_true", help="download missing face models")
+    g.add_argument("--cache-dir", help="Hugging Face hub cache folder (PuLID's EVA02-CLIP)")
+    g.add_argument("--device", help="PuLID: device for BiSeNet and EVA (default: cuda if available)")
 
     chk = sub.add_parser("selfcheck", help="run the whole pipeline on tiny random weights (offline, seconds)",
                          description="Builds the pipeline from tiny random weights written on the fly and runs "
@@ -201,7 +226,7 @@ def _reproduce(parser: argparse.ArgumentParser, ns: argparse.Namespace, seed: in
 
 
 def _generate(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> int:
-    from fastface.pipeline import Pipeline, open_face_analyzer, prepare_identity
+    from fastface.pipeline import Pipeline
     from fastface.presets import get_adapter_preset, model_recipe, resolve_method
 
     options = _pairs(ns.method_set, "--set")
@@ -215,16 +240,20 @@ def _generate(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> int:
     if ns.num_images < 1:
         raise CLIError(EXIT_USAGE, f"--num-images must be at least 1, got {ns.num_images}")
     _outputs(ns.output, [0] * ns.num_images)
-    # The face first: a photo without a face fails before any weights are loaded.
-    try:
-        face = prepare_identity(
-            ns.face, lambda: open_face_analyzer(ns.face_root, adapter.face_pack, download=ns.download)
-        )
-    except ValueError as exc:
-        from fastface.models.loading import WeightFormatError
-
-        code = EXIT_WEIGHTS if isinstance(exc, WeightFormatError) else EXIT_FACE
-        raise CLIError(code, str(exc)) from exc
+    if adapter.variant != "pulid":
+        for flag, value in (("--pulid-mode", ns.pulid_mode), ("--id-mix", ns.id_mix or None), ("--eva", ns.eva),
+                            ("--face-parser", ns.face_parser)):
+            if value is not None:
+                raise CLIError(EXIT_USAGE, f"{flag} is a PuLID option; --adapter {ns.adapter} does not use it")
+    else:
+        for flag, value in (("--lora-scale", ns.lora_scale), ("--s-scale", ns.s_scale)):
+            if value is not None:
+                raise CLIError(EXIT_USAGE, f"{flag} is an IP-Adapter option; PuLID has no LoRA and no shortcut")
+        if ns.id_mix and adapter.pulid_version != "v1":
+            raise CLIError(EXIT_USAGE, "--id-mix is a PuLID v1 option (pulid-v1.1 encodes all photos together)")
+    # The face first: a photo without a face fails before the generation weights are loaded.
+    pulid_models: dict[str, Any] = {}
+    face = _identity(ns, adapter, pulid_models)
     if adapter.variant == "faceid_plus" and not face.crops:
         raise CLIError(EXIT_FACE, f"{face.source}: FaceID-Plus-v2 needs the aligned face crop, which this face file "
                        "lacks; pass the photo, a face file from 'fastface embed', or use --adapter faceid")
@@ -232,7 +261,10 @@ def _generate(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> int:
         ns.preset, ns.adapter, steps=ns.steps, dtype=ns.dtype, device=ns.device, download=ns.download,
         cache_dir=ns.cache_dir, base=ns.base, unet=ns.unet, weights=ns.weights, vae=ns.vae,
         adapter_file=ns.adapter_file, image_encoder=ns.image_encoder, face_root=ns.face_root,
+        **({"eva": ns.eva, "face_parser": ns.face_parser} if adapter.variant == "pulid" else {}),
     )
+    if pulid_models:  # recorded in the PNG metadata, and reused if the pipeline sees photos again
+        pipe.set_pulid_preprocessor(pulid_models["preprocessor"], pulid_models["sources"])
     bar = None
     if not ns.no_progress:
         from tqdm import tqdm
@@ -243,7 +275,7 @@ def _generate(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> int:
         out = pipe(ns.prompt, face, method=ns.method, steps=ns.steps, seed=ns.seed, ip_scale=ns.ip_scale,
                    lora_scale=ns.lora_scale, s_scale=ns.s_scale, num_images=ns.num_images,
                    negative_prompt=ns.negative_prompt, height=ns.height, width=ns.width, batch_size=ns.batch_size,
-                   sampler=ns.sampler, sampler_params=sampler_params,
+                   sampler=ns.sampler, sampler_params=sampler_params, pulid_mode=ns.pulid_mode, id_mix=ns.id_mix,
                    callback=(lambda i, t, x: bar.update(1)) if bar is not None else None, **options)
     finally:
         if bar is not None:
@@ -255,19 +287,46 @@ def _generate(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _identity(ns: argparse.Namespace, adapter: Any, loaded: dict | None = None) -> Any:
+    """The person of ``--face``: a FaceInfo, or for PuLID a PuLIDIdentity (photos go through BiSeNet + EVA here, so
+    missing face models and faces fail before the generation weights are loaded). ``loaded`` receives PuLID's
+    preprocessing and its files when photos needed them."""
+    from fastface.models.loading import WeightFormatError
+    from fastface.pipeline import _device, open_face_analyzer, prepare_identity
+    from fastface.pipeline_loading import open_pulid_preprocessor, prepare_pulid_identity
+
+    loaded = {} if loaded is None else loaded
+
+    def pulid_preprocessor():
+        if "preprocessor" not in loaded:
+            loaded["preprocessor"], loaded["sources"] = open_pulid_preprocessor(
+                adapter, face_root=ns.face_root, eva=ns.eva, face_parser=ns.face_parser, device=_device(ns.device),
+                download=ns.download, cache_dir=ns.cache_dir,
+            )
+        return loaded["preprocessor"]
+
+    try:
+        if adapter.variant != "pulid":
+            return prepare_identity(
+                ns.face, lambda: open_face_analyzer(ns.face_root, adapter.face_pack, download=ns.download)
+            )
+        return prepare_pulid_identity(ns.face, pulid_preprocessor)
+    except ValueError as exc:
+        raise CLIError(EXIT_WEIGHTS if isinstance(exc, WeightFormatError) else EXIT_FACE, str(exc)) from exc
+
+
 def _embed(ns: argparse.Namespace) -> int:
-    from fastface.pipeline import open_face_analyzer, prepare_identity
-    from fastface.pipeline_loading import save_face_file
+    from fastface.pipeline_loading import save_face_file, save_pulid_face_file
+    from fastface.presets import get_adapter_preset
 
     if not ns.output.endswith(".safetensors"):
         raise CLIError(EXIT_USAGE, f"--output must end with .safetensors, got {ns.output!r}")
-    try:
-        face = prepare_identity(ns.face, lambda: open_face_analyzer(ns.face_root, download=ns.download))
-    except ValueError as exc:
-        from fastface.models.loading import WeightFormatError
-
-        raise CLIError(EXIT_WEIGHTS if isinstance(exc, WeightFormatError) else EXIT_FACE, str(exc)) from exc
-    print(save_face_file(ns.output, face))
+    adapter = get_adapter_preset(ns.adapter)
+    if adapter.variant != "pulid" and (ns.eva is not None or ns.face_parser is not None):
+        raise CLIError(EXIT_USAGE, f"--eva and --face-parser are PuLID options; --adapter {ns.adapter} does not "
+                       "use them")
+    face = _identity(ns, adapter)
+    print(save_pulid_face_file(ns.output, face) if adapter.variant == "pulid" else save_face_file(ns.output, face))
     return EXIT_OK
 
 

@@ -6,7 +6,8 @@ Three registries of frozen dataclasses:
   released step count, how they are applied, sampler, timestep spacing, resolution and baseline guidance
   (``reference/fastface-official.md`` Sec. 3, ``reference/sdxl-formats-samplers.md`` Sec. 2.2 and 3.9).
   :func:`model_recipe` resolves one for a step count into a :class:`ModelRecipe` that a pipeline runs.
-* :data:`ADAPTER_PRESETS` ``faceid``, ``faceid-plusv2``: files and the official run settings.
+* :data:`ADAPTER_PRESETS` ``faceid``, ``faceid-plusv2``, ``pulid``, ``pulid-v1.1``: files and the official run
+  settings.
 * :data:`METHOD_PRESETS` ``baseline``, ``dcg``, ``am1``, ``am2``, ``fastface-am1`` (the default), ``fastface-am2``;
   :func:`resolve_method` turns one into a ``(DCGConfig, AM config | None)`` pair for a model.
 
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from fastface.adapters.pulid import PULID_MODES
 from fastface.am import AM1Config, AM2Config
 from fastface.dcg import DCG_CONFIGS, DCGConfig, StepSchedule
 from fastface.hub import HubFile, HubFolder, WeightRef
@@ -45,6 +47,9 @@ __all__ = [
     "model_recipe",
     "AdapterPreset",
     "ADAPTER_PRESETS",
+    "PULID_REPO",
+    "EVA_CLIP_REPO",
+    "BISENET_URL",
     "get_adapter_preset",
     "MethodPreset",
     "METHOD_PRESETS",
@@ -63,6 +68,11 @@ TCD_REPO = "h1t/TCD-SDXL-LoRA"
 FACEID_REPO = "h94/IP-Adapter-FaceID"
 CLIP_H_REPO = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 IP_ADAPTER_REPO = "h94/IP-Adapter"
+PULID_REPO = "guozinan/PuLID"
+EVA_CLIP_REPO = "QuanSun/EVA-CLIP"
+EVA02_L_336 = "EVA02_CLIP_L_336_psz14_s6B.pt"
+# facexlib's face-parsing BiSeNet: a GitHub release asset (not on the Hugging Face hub).
+BISENET_URL = "https://github.com/xinntao/facexlib/releases/download/v0.2.0/parsing_bisenet.pth"
 
 Apply = Literal["lora", "unet", "none"]
 Params = tuple[tuple[str, object], ...]
@@ -497,18 +507,22 @@ def model_recipe(preset: str | ModelPreset, steps: int | None = None, **override
 
 @dataclass(frozen=True)
 class AdapterPreset:
-    """An identity adapter: its weight file, image encoder, face analysis pack and default scales.
+    """An identity adapter: its weight file, image encoder(s), face analysis pack and default scales.
 
-    ``variant`` is the adapter family of :mod:`fastface.adapters.ip_adapter` ("faceid" or "faceid_plus").
+    ``variant``: "faceid" or "faceid_plus" (:mod:`fastface.adapters.ip_adapter`), or "pulid"
+    (:mod:`fastface.adapters.pulid`, with ``pulid_version`` "v1" or "v1.1").
     ``image_encoder``: equivalent CLIP ViT-H/14 folders, first preferred (FaceID-Plus only).
-    ``ip_scale``: identity attention weight; ``lora_scale``: weight of the adapter's own LoRA (the paper's
-    "lora_scale"); ``s_scale``: FaceID-Plus-v2 shortcut weight; ``invert_first_token``: AM2 inverts id token 0
-    (FaceID-Plus-v2's background token, paper App. E).
+    ``ip_scale``: identity attention weight (PuLID's ``id_scale``); ``lora_scale``: weight of the adapter's own LoRA
+    (the paper's "lora_scale"; PuLID has none); ``s_scale``: FaceID-Plus-v2 shortcut weight; ``invert_first_token``:
+    AM2 inverts id token 0 (FaceID-Plus-v2's background token, paper App. E).
+    PuLID only: ``eva`` the EVA02-CLIP-L-14-336 checkpoint (``visual.*`` keys), ``face_parser`` the release URL of
+    facexlib's BiSeNet weights (found locally by file name, downloaded only on request), ``pulid_mode`` the default
+    mode of :data:`fastface.adapters.pulid.PULID_MODES` (zero tokens + projection).
     """
 
     name: str
     description: str
-    variant: Literal["faceid", "faceid_plus"]
+    variant: Literal["faceid", "faceid_plus", "pulid"]
     weights: HubFile | str | os.PathLike
     image_encoder: tuple[HubFolder | str | os.PathLike, ...] = ()
     shortcut: bool = False
@@ -518,10 +532,16 @@ class AdapterPreset:
     face_pack: str = "buffalo_l"
     det_size: int = 640
     invert_first_token: bool = False
+    eva: HubFile | str | os.PathLike | None = None
+    face_parser: str | None = None
+    pulid_version: Literal["v1", "v1.1"] | None = None
+    pulid_mode: str | None = None
 
     def __post_init__(self) -> None:
-        if self.variant not in ("faceid", "faceid_plus"):
-            raise ValueError(f"AdapterPreset.variant must be 'faceid' or 'faceid_plus', got {self.variant!r}")
+        if self.variant not in ("faceid", "faceid_plus", "pulid"):
+            raise ValueError(
+                f"AdapterPreset.variant must be 'faceid', 'faceid_plus' or 'pulid', got {self.variant!r}"
+            )
         _check_source("AdapterPreset.weights", self.weights, optional=False)
         enc = self.image_encoder
         enc = (enc,) if isinstance(enc, (str, os.PathLike, HubFolder)) else tuple(enc)
@@ -538,6 +558,26 @@ class AdapterPreset:
             raise ValueError(f"AdapterPreset.face_pack must name an insightface pack, got {self.face_pack!r}")
         if _check_int("AdapterPreset.det_size", self.det_size, 32) % 32:
             raise ValueError(f"AdapterPreset.det_size must be a multiple of 32, got {self.det_size}")
+        pulid = (self.eva, self.face_parser, self.pulid_version, self.pulid_mode)
+        if self.variant != "pulid":
+            if any(v is not None for v in pulid):
+                raise ValueError("eva, face_parser, pulid_version and pulid_mode are PuLID settings (variant='pulid')")
+            return
+        _check_source("AdapterPreset.eva", self.eva, optional=False)
+        if not isinstance(self.face_parser, str) or not self.face_parser.rstrip("/").rsplit("/", 1)[-1]:
+            raise ValueError(f"AdapterPreset.face_parser must be the URL or file name of the BiSeNet weights, "
+                             f"got {self.face_parser!r}")
+        if self.pulid_version not in ("v1", "v1.1"):
+            raise ValueError(f"AdapterPreset.pulid_version must be 'v1' or 'v1.1', got {self.pulid_version!r}")
+        if self.pulid_mode not in PULID_MODES:
+            raise ValueError(f"AdapterPreset.pulid_mode must be one of {sorted(PULID_MODES)}, got {self.pulid_mode!r}")
+        if self.invert_first_token:
+            raise ValueError("PuLID has no background token to invert (invert_first_token must be False)")
+
+    @property
+    def face_parser_file(self) -> str | None:
+        """The BiSeNet weights' file name (the last part of ``face_parser``), or None."""
+        return None if self.face_parser is None else self.face_parser.rstrip("/").rsplit("/", 1)[-1]
 
 
 _IMAGE_ENCODER_FILES = ("config.json", "model.safetensors")
@@ -565,7 +605,31 @@ ADAPTER_PRESETS: dict[str, AdapterPreset] = {
         shortcut=True,
         invert_first_token=True,
     ),
-    # Room for "pulid" / "pulid-v1.1" (guozinan/PuLID) once the PuLID adapter exists.
+    # PuLID (Guo et al. 2024), reference/id-adapters.md Sec. 4: antelopev2 raw embedding + EVA02-CLIP-L-14-336 of
+    # the parsed, whitened, grey face; id_scale 0.8. v1 app.py: fidelity (8 zero tokens + ORTHO_v2) by default,
+    # "style" (16 + ORTHO) on request; v1.1 app_v1_1.py: 20 zero tokens + ORTHO_v2.
+    "pulid": AdapterPreset(
+        name="pulid",
+        description="PuLID v1 SDXL (antelopev2 + EVA02-CLIP-L face features -> 10 id tokens; fidelity mode)",
+        variant="pulid",
+        weights=HubFile(PULID_REPO, "pulid_v1.bin"),
+        face_pack="antelopev2",
+        eva=HubFile(EVA_CLIP_REPO, EVA02_L_336),
+        face_parser=BISENET_URL,
+        pulid_version="v1",
+        pulid_mode="fidelity",
+    ),
+    "pulid-v1.1": AdapterPreset(
+        name="pulid-v1.1",
+        description="PuLID v1.1 SDXL (IDFormer -> 32 id tokens; 20 zero tokens + ORTHO_v2)",
+        variant="pulid",
+        weights=HubFile(PULID_REPO, "pulid_v1.1.safetensors"),
+        face_pack="antelopev2",
+        eva=HubFile(EVA_CLIP_REPO, EVA02_L_336),
+        face_parser=BISENET_URL,
+        pulid_version="v1.1",
+        pulid_mode="v1.1",
+    ),
 }
 
 

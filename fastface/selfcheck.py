@@ -3,8 +3,12 @@
 :func:`write_tiny_weights` writes every part in the real file layouts (a diffusers SDXL folder with ``unet/``,
 ``text_encoder{,_2}/``, ``tokenizer{,_2}/``, ``vae/``; a kohya LoRA for the hyper recipe; a bare UNet file for
 the lightning recipe; an IP-Adapter FaceID-Plus-v2 file in the original flattened layout; a CLIP image encoder
-folder). :func:`run_selfcheck` loads them through :meth:`fastface.Pipeline.from_pretrained` and runs every method
-once. Its images come from random weights: they prove that the installation works, nothing about quality.
+folder; PuLID v1 (flat torch pickle) and v1.1 (fp16 safetensors) files and an EVA-CLIP checkpoint with ``visual.*``
+keys). :func:`run_selfcheck` loads them through :meth:`fastface.Pipeline.from_pretrained` and runs every method
+once with FaceID-Plus-v2, and baseline / FastFace with PuLID v1 and v1.1 (the PuLID identity comes from the tiny
+EVA tower through a PuLID face file; BiSeNet and antelopev2 are not exercised: their weights cannot be made here
+without extra packages). Its images come from random weights: they prove that the installation works, nothing
+about quality.
 """
 
 from __future__ import annotations
@@ -23,7 +27,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from fastface.adapters.faceid import FaceIDProjConfig, build_projection
+from fastface.adapters.pulid import PULID_ENCODER_CONFIGS, build_encoder
 from fastface.models.clip_vision import CLIPVisionEncoder, get_clip_vision_config
+from fastface.models.eva_clip import EVAVisionTower, eva_preprocess
 from fastface.models.text import CLIPTextConfig, CLIPTextEncoder
 from fastface.models.tokenizer import EOS_TOKEN, write_vocab_folder
 from fastface.models.unet import UNet, get_unet_config
@@ -51,7 +57,7 @@ LORA_TARGETS = (
 @dataclass(frozen=True)
 class TinyWeights:
     """Paths of the tiny weights: ``base`` folder, hyper ``lora``, lightning ``unet_file``, ``adapter`` (.bin and
-    .safetensors) and ``image_encoder`` folder."""
+    .safetensors), ``image_encoder`` folder, PuLID ``pulid_v1`` (.bin) and ``pulid_v11`` (.safetensors), ``eva``."""
 
     base: Path
     lora: Path
@@ -59,6 +65,9 @@ class TinyWeights:
     adapter: Path
     adapter_bin: Path
     image_encoder: Path
+    pulid_v1: Path
+    pulid_v11: Path
+    eva: Path
 
 
 def _perturb(module: nn.Module, gen: torch.Generator, std: float = 0.05) -> nn.Module:
@@ -113,6 +122,26 @@ def _ip_adapter(unet: UNet, context_dim: int, gen: torch.Generator, rank: int = 
             sd[f"{i}.{slot}_lora.down.weight"] = torch.randn(rank, fan_in, generator=gen) * fan_in**-0.5
             sd[f"{i}.{slot}_lora.up.weight"] = torch.randn(h, rank, generator=gen) * 0.1
     return sd
+
+
+def _pulid(unet: UNet, version: str, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Random PuLID weights in the released flat layout (``id_adapter.*``, ``id_adapter_attn_layers.{odd i}.*``)."""
+    with torch.device("meta"):
+        encoder = build_encoder(PULID_ENCODER_CONFIGS[f"{version}-tiny"])
+    sd = {}
+    for name, p in encoder.state_dict().items():
+        if p.ndim >= 2:  # weights, IDFormer's latents and proj_out
+            sd[name] = torch.randn(p.shape, generator=gen) * min(p.shape[-1], p.shape[-2]) ** -0.5
+        else:  # LayerNorm weights around 1, biases around 0
+            sd[name] = (1.0 if name.endswith("weight") else 0.0) + torch.randn(p.shape, generator=gen) * 0.1
+    out = {f"id_adapter.{k}": v for k, v in sd.items()}
+    for i, (_, attn) in enumerate(unet.attention_layers()):
+        if i % 2:
+            inner, ctx = attn.to_k.out_features, attn.to_k.in_features
+            for kv in ("k", "v"):
+                w = torch.randn(inner, ctx, generator=gen) * ctx**-0.5
+                out[f"id_adapter_attn_layers.{i}.id_to_{kv}.weight"] = w
+    return out
 
 
 def _kohya_lora(unet: UNet, gen: torch.Generator, rank: int = 2) -> dict[str, torch.Tensor]:
@@ -173,7 +202,16 @@ def write_tiny_weights(root: str | os.PathLike, seed: int = 0) -> TinyWeights:
           adapter)
     adapter_bin = root / "ip-adapter-faceid-plusv2_sdxl.bin"
     torch.save({"image_proj": dict(image_proj), "ip_adapter": ip}, adapter_bin)
-    return TinyWeights(base, lora, unet_file, adapter, adapter_bin, encoder_dir)
+    # PuLID as released: v1 a flat fp32 torch pickle, v1.1 fp16 safetensors; EVA-CLIP a full-CLIP .pt with visual.*
+    pulid_v1, pulid_v11 = root / "pulid_v1.bin", root / "pulid_v1.1.safetensors"
+    torch.save(_pulid(unet, "v1", gen), pulid_v1)
+    _save({k: v.half() for k, v in _pulid(unet, "v1.1", gen).items()}, pulid_v11)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        eva = _perturb(EVAVisionTower("tiny"), gen)
+    eva_file = root / "EVA02_CLIP_L_336_psz14_s6B.pt"
+    torch.save({**{f"visual.{k}": v for k, v in eva.state_dict().items()}, "logit_scale": torch.tensor(4.6)}, eva_file)
+    return TinyWeights(base, lora, unet_file, adapter, adapter_bin, encoder_dir, pulid_v1, pulid_v11, eva_file)
 
 
 def tiny_face(seed: int = 0, crop_size: int = 56):
@@ -185,6 +223,20 @@ def tiny_face(seed: int = 0, crop_size: int = 56):
     return FaceInfo.from_embedding(rng.standard_normal(512).astype(np.float32), crop=crop, source="selfcheck")
 
 
+@torch.no_grad()
+def tiny_pulid_identity(eva_file: str | os.PathLike, seed: int = 0):
+    """A random PuLID identity for the tiny pipeline: the tiny EVA tower's outputs for a random grey "face" image and
+    a random raw 512-d embedding (:class:`fastface.pipeline_loading.PuLIDIdentity`)."""
+    from fastface.pipeline_loading import PuLIDIdentity, load_eva
+
+    eva = load_eva(eva_file)
+    gen = torch.Generator().manual_seed(seed)
+    grey = torch.rand(1, 1, 64, 64, generator=gen).repeat(1, 3, 1, 1)  # stands in for the parsed, greyed face
+    out = eva(eva_preprocess(grey, eva.config.image_size))
+    raw = torch.randn(1, 512, generator=gen) * 20  # antelopev2 embeddings are not normalised (norm ~20)
+    return PuLIDIdentity(torch.cat([raw, out.normed_embeds], dim=-1), out.hidden_states, "selfcheck")
+
+
 def run_selfcheck(out_dir: str | os.PathLike | None = None, *, device: str | None = "cpu", log=logger.info) -> bool:
     """Build the pipeline from tiny random weights and run every method once; ``log`` gets one line per check.
 
@@ -193,25 +245,33 @@ def run_selfcheck(out_dir: str | os.PathLike | None = None, *, device: str | Non
     from fastface.pipeline import Pipeline
     from fastface.presets import METHOD_PRESETS
 
+    from fastface.pipeline_loading import save_pulid_face_file
+
     ok = True
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="fastface-selfcheck-") as tmp:
         w = write_tiny_weights(tmp)
         log(f"wrote tiny random weights in the real layouts ({time.perf_counter() - start:.1f} s)")
         face = tiny_face()
-        runs = [("hyper", dict(weights=w.lora), list(METHOD_PRESETS)), ("lightning", dict(weights=w.unet_file),
-                                                                        ["baseline", "fastface-am1"])]
-        for preset, extra, methods in runs:
-            pipe = Pipeline.from_pretrained(preset, "faceid-plusv2", base=w.base, adapter_file=w.adapter,
-                                            image_encoder=w.image_encoder, dtype="fp32", device=device, **extra)
+        pulid_face = save_pulid_face_file(Path(tmp) / "pulid-face.safetensors", tiny_pulid_identity(w.eva))
+        plus = dict(adapter_file=w.adapter, image_encoder=w.image_encoder)
+        runs = [
+            ("hyper", "faceid-plusv2", dict(weights=w.lora, **plus), list(METHOD_PRESETS), face),
+            ("lightning", "faceid-plusv2", dict(weights=w.unet_file, **plus), ["baseline", "fastface-am1"], face),
+            ("hyper", "pulid", dict(weights=w.lora, adapter_file=w.pulid_v1), ["baseline", "fastface-am1"], pulid_face),
+            ("hyper", "pulid-v1.1", dict(weights=w.lora, adapter_file=w.pulid_v11), ["fastface-am1"], pulid_face),
+        ]
+        for preset, adapter, extra, methods, person in runs:
+            pipe = Pipeline.from_pretrained(preset, adapter, base=w.base, dtype="fp32", device=device, **extra)
             for method in methods:
                 t0 = time.perf_counter()
-                out = pipe("a photo of a person", face=face, method=method, seed=0, height=64, width=64)
+                out = pipe("a photo of a person", face=person, method=method, seed=0, height=64, width=64)
                 good = bool(torch.isfinite(out.pixels).all()) and out.images[0].size == (64, 64)
                 ok &= good
-                log(f"{'ok  ' if good else 'FAIL'} {preset:9s} {method:13s} {out.unet_evaluations:4.0f} UNet "
-                    f"evaluations/image, {time.perf_counter() - t0:.2f} s")
+                log(f"{'ok  ' if good else 'FAIL'} {preset:9s} {adapter:13s} {method:13s} {out.unet_evaluations:4.0f} "
+                    f"UNet evaluations/image, {time.perf_counter() - t0:.2f} s")
                 if out_dir is not None:
-                    out.save(0, Path(out_dir) / f"selfcheck-{preset}-{method}.png", {"selfcheck": NOT_MEANINGFUL})
+                    name = f"selfcheck-{preset}-{adapter}-{method}.png"
+                    out.save(0, Path(out_dir) / name, {"selfcheck": NOT_MEANINGFUL})
     log(f"selfcheck {'passed' if ok else 'FAILED'} in {time.perf_counter() - start:.1f} s. {NOT_MEANINGFUL}")
     return ok

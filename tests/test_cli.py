@@ -14,12 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from fastface.cli import EXIT_FACE, EXIT_USAGE, EXIT_WEIGHTS, main
 from fastface.pipeline import METADATA_KEY, Pipeline
 from fastface.pipeline_loading import save_face_file
-from fastface.presets import CLIP_H_REPO, FACEID_REPO, HYPER_REPO, SDXL_BASE
+from fastface.presets import BISENET_URL, CLIP_H_REPO, EVA_CLIP_REPO, FACEID_REPO, HYPER_REPO, PULID_REPO, SDXL_BASE
 from fastface.selfcheck import NOT_MEANINGFUL, tiny_face, write_tiny_weights
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -44,7 +45,8 @@ def add_snapshot(cache: Path, repo: str, files: dict[str, Path]) -> None:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    """Tiny weights under the presets' real repo ids and file names, a face file, a tiny insightface pack."""
+    """Tiny weights under the presets' real repo ids and file names, a face file, tiny insightface packs (buffalo_l,
+    antelopev2) and facexlib's BiSeNet file (random weights) where PuLID looks for it."""
     root = tmp_path_factory.mktemp("cli")
     w = write_tiny_weights(root / "w")
     cache = root / "hub"
@@ -52,6 +54,14 @@ def env(tmp_path_factory):
     add_snapshot(cache, HYPER_REPO, {"Hyper-SDXL-4steps-lora.safetensors": w.lora})
     add_snapshot(cache, FACEID_REPO, {"ip-adapter-faceid-plusv2_sdxl.bin": w.adapter_bin})
     add_snapshot(cache, CLIP_H_REPO, {p.name: p for p in w.image_encoder.iterdir()})
+    add_snapshot(cache, PULID_REPO, {"pulid_v1.bin": w.pulid_v1, "pulid_v1.1.safetensors": w.pulid_v11})
+    add_snapshot(cache, EVA_CLIP_REPO, {"EVA02_CLIP_L_336_psz14_s6B.pt": w.eva})
+    from fastface.adapters.pulid_faces import BiSeNet
+
+    onnx_face_models.make_pack(root / "insightface", "antelopev2", seed=1)
+    (root / "insightface" / "models" / "facexlib").mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.save(BiSeNet().state_dict(), root / "insightface" / "models" / "facexlib" / "parsing_bisenet.pth")
     save_face_file(root / "me.safetensors", tiny_face())
     np.save(root / "emb.npy", np.asarray(tiny_face().embedding))
     onnx_face_models.make_pack(root / "insightface", "buffalo_l")
@@ -91,7 +101,8 @@ def test_selfcheck(env):
     res = run(env, "selfcheck")
     assert res.returncode == 0, res.stderr
     assert "NOT meaningful" in res.stdout and NOT_MEANINGFUL in res.stdout
-    assert res.stdout.count("\nok ") == 8 and "FAIL" not in res.stdout
+    assert res.stdout.count("\nok ") == 11 and "FAIL" not in res.stdout
+    assert res.stdout.count(" pulid ") == 2 and res.stdout.count(" pulid-v1.1 ") == 1
 
 
 def test_generate_from_the_hf_cache_and_reproduce_from_metadata(env, monkeypatch):
@@ -203,3 +214,65 @@ def test_face_pack_is_downloaded_only_when_allowed(tmp_path, monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE")
     analyzer = open_face_analyzer(tmp_path, "buffalo_l", download=True)
     assert calls == [("models", "buffalo_l", str(tmp_path))] and analyzer.pack == "buffalo_l"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# PuLID
+
+
+def test_generate_pulid_from_a_photo(env):
+    """antelopev2 (face root) + BiSeNet (face root's models/facexlib) + EVA-CLIP and pulid_v1.bin (HF cache)."""
+    root, _ = env
+    res = run(env, "generate", "--adapter", "pulid", "--face", "photo.png", "--face-root", "insightface", "--prompt",
+              "a photo of a person", "--seed", "3", "--method", "fastface-am1", "-o", "pulid.png", *TINY)
+    assert res.returncode == 0, res.stderr
+    with Image.open(root / "pulid.png") as im:
+        assert im.size == (64, 64)
+        m = json.loads(im.text[METADATA_KEY])
+    assert (m["adapter"], m["method"], m["ip_scale"], m["lora_scale"]) == ("pulid", "fastface-am1", 0.8, None)
+    assert (m["pulid"]["mode"], m["pulid"]["num_zero"], m["pulid"]["projection"]) == ("fidelity", 8, "ortho_v2")
+    assert m["face"]["photos"] == 1 and "photo.png" in m["face"]["source"]
+    assert PULID_REPO.replace("/", "--") in m["weights"]["adapter"]
+    assert EVA_CLIP_REPO.replace("/", "--") in m["weights"]["eva"]
+    assert m["weights"]["face_parser"].endswith(str(Path("insightface/models/facexlib/parsing_bisenet.pth")))
+    assert "--adapter pulid" in m["command"]
+
+
+def test_embed_pulid_face_file(env, monkeypatch):
+    from fastface.pipeline_loading import load_pulid_face_file
+
+    root, variables = env
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("HF_HUB_CACHE", variables["HF_HUB_CACHE"])
+    args = ["embed", "--adapter", "pulid", "--face", "photo.png", "--face-root", "insightface", "--device", "cpu"]
+    assert main([*args, "-o", "pulid-face.safetensors"]) == 0
+    person = load_pulid_face_file(root / "pulid-face.safetensors")
+    assert person.id_cond.shape == (1, 512 + 32) and len(person.hidden_states) == 5  # the tiny EVA's widths
+    assert main(["embed", "--adapter", "faceid", "--eva", "x.pt", "--face", "photo.png", "-o", "x.safetensors"]) == 2
+
+
+@pytest.mark.parametrize(
+    "args, code, message",
+    [
+        (["--adapter", "pulid", "--face", "photo.png", "--cache-dir", "empty-cache"], EXIT_WEIGHTS,
+         "hf download QuanSun/EVA-CLIP EVA02_CLIP_L_336_psz14_s6B.pt"),
+        (["--adapter", "pulid", "--face", "photo.png", "--face-root", "nowhere"], EXIT_WEIGHTS, BISENET_URL),
+        (["--adapter", "pulid", "--face", "photo.png", "--eva", "no-eva.pt"], EXIT_WEIGHTS, "no-eva.pt: no such"),
+        (["--adapter", "pulid", "--face", "emb.npy"], EXIT_FACE, "PuLID needs photos or a PuLID face file"),
+        (["--adapter", "pulid-v1.1", "--face", "me.safetensors"], EXIT_FACE, "no 'pulid_id_cond'"),
+        (["--adapter", "faceid", "--face", "emb.npy", "--pulid-mode", "style"], EXIT_USAGE, "is a PuLID option"),
+        (["--adapter", "pulid", "--face", "photo.png", "--lora-scale", "0.5"], EXIT_USAGE, "PuLID has no LoRA"),
+        (["--adapter", "pulid-v1.1", "--face", "photo.png", "--id-mix"], EXIT_USAGE, "--id-mix is a PuLID v1 option"),
+    ],
+    ids=["missing-eva", "missing-bisenet", "missing-local-eva", "embedding", "faceid-face-file", "mode-not-pulid",
+         "lora-scale", "id-mix-v1.1"],
+)
+def test_pulid_error_paths(env, monkeypatch, capsys, args, code, message):
+    root, variables = env
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("HF_HUB_CACHE", variables["HF_HUB_CACHE"])
+    if "--face-root" not in args:
+        args = [*args, "--face-root", "insightface"]
+    assert main(["generate", "-p", "x", *args, *TINY]) == code
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fastface: error:") and message in lines[0], lines

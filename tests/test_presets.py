@@ -215,8 +215,9 @@ def test_adapter_presets() -> None:
     assert plus.invert_first_token and not fid.invert_first_token
     assert get_adapter_preset("faceid-plusv2", ip_scale=0.5, lora_scale=0.6).ip_scale == 0.5
     assert get_adapter_preset("faceid", image_encoder="some/folder").image_encoder == ("some/folder",)
-    with pytest.raises(ValueError, match=r"unknown adapter preset 'pulid'; known adapters: faceid, faceid-plusv2"):
-        get_adapter_preset("pulid")
+    with pytest.raises(ValueError, match=r"unknown adapter preset 'instantid'; known adapters: faceid, faceid-plusv2, "
+                                         r"pulid, pulid-v1.1"):
+        get_adapter_preset("instantid")
     with pytest.raises(ValueError, match=r"unknown adapter preset setting\(s\) \['scale'\]; known settings: "):
         get_adapter_preset("faceid", scale=1.0)
     with pytest.raises(ValueError, match="ip_scale must be >= 0"):
