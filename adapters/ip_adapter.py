@@ -210,6 +210,23 @@ def check_ip_adapter_layers(
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def free_attention_layers(unet: nn.Module, num_layers: int, source: object) -> list[tuple[str, nn.Module]]:
+    """The UNet's attention layers in checkpoint order, checked to match an adapter and to hold no identity branch."""
+    layers = list(unet.attention_layers())
+    if len(layers) != num_layers:
+        raise WeightFormatError(
+            f"{source}: the adapter has {num_layers} attention layers but the UNet has {len(layers)}; "
+            "the adapter is for a different base model (SDXL has 140, SD1.5 has 32)"
+        )
+    taken = [name for name, attn in layers if getattr(attn, "ip", None) is not None]
+    if taken:
+        raise ValueError(
+            f"'{taken[0]}' (and {len(taken) - 1} more) already has an identity branch installed; remove the "
+            "other adapter first (handle.remove())"
+        )
+    return layers
+
+
 class IPAdapterFaceID:
     """A loaded IP-Adapter FaceID or FaceID-Plus(-v2): projection model + per-layer weights, installable in a UNet."""
 
@@ -360,18 +377,7 @@ class IPAdapterFaceID:
         Returns a handle whose ``remove()`` (or context exit) restores the original modules exactly. Weights are
         cast to the UNet's dtype/device. Everything is checked before the UNet is touched.
         """
-        layers = list(unet.attention_layers())
-        if len(layers) != self.num_layers:
-            raise WeightFormatError(
-                f"{self.source}: the adapter has {self.num_layers} attention layers but the UNet has {len(layers)}; "
-                "the adapter is for a different base model (SDXL has 140, SD1.5 has 32)"
-            )
-        taken = [name for name, attn in layers if getattr(attn, "ip", None) is not None]
-        if taken:
-            raise ValueError(
-                f"'{taken[0]}' (and {len(taken) - 1} more) already has an identity branch installed; remove the "
-                "other adapter first (handle.remove())"
-            )
+        layers = free_attention_layers(unet, self.num_layers, self.source)
         use_lora = lora and self.has_lora
         if lora and not self.has_lora:
             logger.info("%s: the file has no LoRA; installing the identity branch only", self.source)

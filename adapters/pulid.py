@@ -57,6 +57,7 @@ from fastface.models.attention import IdentityAttention, split_heads
 from fastface.models.loading import WeightFormatError, assign_state_dict, read_weights
 
 from .faceid import PerceiverAttention
+from .ip_adapter import free_attention_layers
 
 logger = logging.getLogger(__name__)
 
@@ -605,18 +606,7 @@ class PuLID:
         Everything is checked before the UNet is touched.
         """
         m = _resolve_mode(mode, self.version, num_zero, projection)
-        layers = list(unet.attention_layers())
-        if len(layers) != self.num_layers:
-            raise WeightFormatError(
-                f"{self.source}: the adapter has {self.num_layers} attention layers but the UNet has {len(layers)}; "
-                "the adapter is for a different base model (SDXL has 140)"
-            )
-        taken = [name for name, attn in layers if getattr(attn, "ip", None) is not None]
-        if taken:
-            raise ValueError(
-                f"'{taken[0]}' (and {len(taken) - 1} more) already has an identity branch installed; remove the "
-                "other adapter first (handle.remove())"
-            )
+        layers = free_attention_layers(unet, self.num_layers, self.source)
         plan = []
         for i, (name, attn) in enumerate(layers):
             if name.endswith("attn1" if i % 2 else "attn2"):
