@@ -102,6 +102,9 @@ def _add_face_models(g: argparse._ArgumentGroup) -> None:
                    "EVA02_CLIP_L_336_psz14_s6B.pt from the Hugging Face cache); needed for photos only")
     g.add_argument("--face-parser", help="PuLID: local facexlib parsing_bisenet.pth (default: found in "
                    "FACE_ROOT/models/facexlib; with --download fetched from facexlib's GitHub release)")
+    g.add_argument("--face-detector", help="PuLID: local facexlib detection_Resnet50_Final.pth (RetinaFace: aligns "
+                   "photos as upstream; default: found in FACE_ROOT/models/facexlib, with --download fetched from "
+                   "facexlib's GitHub release; if absent, insightface keypoints with a warning)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -242,7 +245,7 @@ def _generate(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> int:
     _outputs(ns.output, [0] * ns.num_images)
     if adapter.variant != "pulid":
         for flag, value in (("--pulid-mode", ns.pulid_mode), ("--id-mix", ns.id_mix or None), ("--eva", ns.eva),
-                            ("--face-parser", ns.face_parser)):
+                            ("--face-parser", ns.face_parser), ("--face-detector", ns.face_detector)):
             if value is not None:
                 raise CLIError(EXIT_USAGE, f"{flag} is a PuLID option; --adapter {ns.adapter} does not use it")
     else:
@@ -261,7 +264,8 @@ def _generate(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> int:
         ns.preset, ns.adapter, steps=ns.steps, dtype=ns.dtype, device=ns.device, download=ns.download,
         cache_dir=ns.cache_dir, base=ns.base, unet=ns.unet, weights=ns.weights, vae=ns.vae,
         adapter_file=ns.adapter_file, image_encoder=ns.image_encoder, face_root=ns.face_root,
-        **({"eva": ns.eva, "face_parser": ns.face_parser} if adapter.variant == "pulid" else {}),
+        **({"eva": ns.eva, "face_parser": ns.face_parser, "face_detector": ns.face_detector}
+           if adapter.variant == "pulid" else {}),
     )
     if pulid_models:  # recorded in the PNG metadata, and reused if the pipeline sees photos again
         pipe.set_pulid_preprocessor(pulid_models["preprocessor"], pulid_models["sources"])
@@ -293,15 +297,15 @@ def _identity(ns: argparse.Namespace, adapter: Any, loaded: dict | None = None) 
     preprocessing and its files when photos needed them."""
     from fastface.models.loading import WeightFormatError
     from fastface.pipeline import _device, open_face_analyzer, prepare_identity
-    from fastface.pipeline_loading import open_pulid_preprocessor, prepare_pulid_identity
+    from fastface.pipeline_pulid import open_pulid_preprocessor, prepare_pulid_identity
 
     loaded = {} if loaded is None else loaded
 
     def pulid_preprocessor():
         if "preprocessor" not in loaded:
             loaded["preprocessor"], loaded["sources"] = open_pulid_preprocessor(
-                adapter, face_root=ns.face_root, eva=ns.eva, face_parser=ns.face_parser, device=_device(ns.device),
-                download=ns.download, cache_dir=ns.cache_dir,
+                adapter, face_root=ns.face_root, eva=ns.eva, face_parser=ns.face_parser,
+                face_detector=ns.face_detector, device=_device(ns.device), download=ns.download, cache_dir=ns.cache_dir,
             )
         return loaded["preprocessor"]
 
@@ -316,15 +320,16 @@ def _identity(ns: argparse.Namespace, adapter: Any, loaded: dict | None = None) 
 
 
 def _embed(ns: argparse.Namespace) -> int:
-    from fastface.pipeline_loading import save_face_file, save_pulid_face_file
+    from fastface.pipeline_loading import save_face_file
+    from fastface.pipeline_pulid import save_pulid_face_file
     from fastface.presets import get_adapter_preset
 
     if not ns.output.endswith(".safetensors"):
         raise CLIError(EXIT_USAGE, f"--output must end with .safetensors, got {ns.output!r}")
     adapter = get_adapter_preset(ns.adapter)
-    if adapter.variant != "pulid" and (ns.eva is not None or ns.face_parser is not None):
-        raise CLIError(EXIT_USAGE, f"--eva and --face-parser are PuLID options; --adapter {ns.adapter} does not "
-                       "use them")
+    if adapter.variant != "pulid" and any(x is not None for x in (ns.eva, ns.face_parser, ns.face_detector)):
+        raise CLIError(EXIT_USAGE, f"--eva, --face-parser and --face-detector are PuLID options; --adapter "
+                       f"{ns.adapter} does not use them")
     face = _identity(ns, adapter)
     print(save_pulid_face_file(ns.output, face) if adapter.variant == "pulid" else save_face_file(ns.output, face))
     return EXIT_OK

@@ -43,14 +43,17 @@ from fastface.pipeline_loading import (
     Components,
     FaceInput,
     LocalPaths,
-    PuLIDIdentity,
-    check_pulid_eva,
     load_components,
     open_face_analyzer,
-    open_pulid_preprocessor,
     prepare_identity,
-    prepare_pulid_identity,
     resolve_sources,
+)
+from fastface.pipeline_pulid import (
+    PuLIDIdentity,
+    alignment_of,
+    check_pulid_eva,
+    open_pulid_preprocessor,
+    prepare_pulid_identity,
 )
 from fastface.presets import (
     DEFAULT_METHOD,
@@ -175,6 +178,7 @@ class Pipeline:
         cache_dir: str | os.PathLike | None = None,
         eva: str | os.PathLike | None = None,
         face_parser: str | os.PathLike | None = None,
+        face_detector: str | os.PathLike | None = None,
     ) -> None:
         self.components = components
         self.unet, self.text, self.vae = components.unet, components.text, components.vae
@@ -184,7 +188,7 @@ class Pipeline:
         self.face_root = face_root
         self.download, self.cache_dir = download, cache_dir
         self.is_pulid = adapter.variant == "pulid"
-        self._eva, self._face_parser = eva, face_parser
+        self._eva, self._face_parser, self._face_detector = eva, face_parser, face_detector
         self._custom_weights = custom_weights
         self._analyzer: FaceAnalyzer | None = None
         self._pulid_pre: PuLIDFacePreprocessor | None = None
@@ -218,6 +222,7 @@ class Pipeline:
         face_root: str | os.PathLike | None = None,
         eva: str | os.PathLike | None = None,
         face_parser: str | os.PathLike | None = None,
+        face_detector: str | os.PathLike | None = None,
         fuse_adapter_lora: bool = True,
         **recipe_overrides: Any,
     ) -> Pipeline:
@@ -233,7 +238,9 @@ class Pipeline:
         ``face_root`` (insightface folder with ``models/<pack>``, default ``~/.insightface``; with ``download`` a
         missing pack is fetched from the insightface releases). PuLID: ``eva`` (EVA02-CLIP-L-14-336 checkpoint,
         default ``QuanSun/EVA-CLIP`` from the cache) and ``face_parser`` (facexlib's ``parsing_bisenet.pth``, default
-        ``<face_root>/models/facexlib/``), both needed for photos only. ``fuse_adapter_lora`` precomputes the adapter's
+        ``<face_root>/models/facexlib/``) and ``face_detector`` (facexlib's ``detection_Resnet50_Final.pth``, found
+        there too: with it photos are aligned as upstream, with RetinaFace; without it with insightface's keypoints
+        and a logged warning), all needed for photos only. ``fuse_adapter_lora`` precomputes the adapter's
         LoRA into the weights (faster; a new ``lora_scale`` re-fuses). ``recipe_overrides``: model recipe fields
         (``sampler``, ``sampler_params``, ``spacing``, ``resolution``, ``guidance``, ``lora_scale``, ...).
         """
@@ -243,15 +250,16 @@ class Pipeline:
             recipe_overrides["weights"] = Path(os.path.expanduser(os.fspath(weights)))
         recipe = model_recipe(preset, steps, **recipe_overrides)
         ad = get_adapter_preset(adapter)
-        if ad.variant != "pulid" and (eva is not None or face_parser is not None):
-            raise ValueError(f"eva and face_parser are PuLID's face models; adapter {ad.name!r} does not use them")
-        paths = LocalPaths(base, unet, weights, vae, adapter_file, image_encoder, eva, face_parser)
+        if ad.variant != "pulid" and any(x is not None for x in (eva, face_parser, face_detector)):
+            raise ValueError(f"eva, face_parser and face_detector are PuLID's face models; adapter {ad.name!r} does "
+                             "not use them")
+        paths = LocalPaths(base, unet, weights, vae, adapter_file, image_encoder, eva, face_parser, face_detector)
         src = resolve_sources(recipe, ad, paths, half=dt != torch.float32, download=download, cache_dir=cache_dir)
         components = load_components(recipe, ad, src, paths, dtype=dt, device=dev)
         logger.info("loaded %s + %s (%s, %s) from %s", recipe.preset, ad.name, dt, dev, components.sources)
         return cls(components, recipe, ad, device=dev, dtype=dt, face_root=face_root,
                    fuse_adapter_lora=fuse_adapter_lora, custom_weights=weights is not None, download=download,
-                   cache_dir=cache_dir, eva=eva, face_parser=face_parser)
+                   cache_dir=cache_dir, eva=eva, face_parser=face_parser, face_detector=face_detector)
 
     # -- identity -----------------------------------------------------------------------------------------------
 
@@ -264,13 +272,15 @@ class Pipeline:
 
     @property
     def pulid_preprocessor(self) -> PuLIDFacePreprocessor:
-        """PuLID's photo preprocessing (antelopev2 + BiSeNet + EVA02-CLIP, fp32), loaded on first use."""
+        """PuLID's photo preprocessing (antelopev2 + RetinaFace when found + BiSeNet + EVA02-CLIP, fp32), loaded on
+        first use."""
         if not self.is_pulid:
             raise ValueError(f"adapter {self.adapter_preset.name!r} is not PuLID")
         if self._pulid_pre is None:
             self._pulid_pre, used = open_pulid_preprocessor(
                 self.adapter_preset, face_root=self.face_root, eva=self._eva, face_parser=self._face_parser,
-                device=self.device, download=self.download, cache_dir=self.cache_dir, pulid=self.adapter,
+                face_detector=self._face_detector, device=self.device, download=self.download,
+                cache_dir=self.cache_dir, pulid=self.adapter,
             )
             self.components.sources.update(used)
         return self._pulid_pre
@@ -286,6 +296,7 @@ class Pipeline:
         check_pulid_eva(self.adapter, preprocessor.eva, sources.get("eva", "the EVA tower"))
         self._pulid_pre = preprocessor
         self.components.sources.update(sources)
+        logger.info("PuLID photos are aligned with %s", alignment_of(preprocessor))
 
     def identity(self, face: FaceInput) -> FaceInfo | PuLIDIdentity:
         """One person: a :class:`FaceInfo` from photos, face files, embeddings or FaceInfos (see
@@ -401,7 +412,7 @@ class Pipeline:
 
         ``face``: photo path(s), PIL image(s), uint8 array(s), ``.npy``/``.safetensors`` face file(s), a float
         embedding [512], a :class:`FaceInfo`, or a list of these (one person). PuLID: photos, PuLID face files
-        (:func:`fastface.pipeline_loading.save_pulid_face_file`) or :class:`PuLIDIdentity` (no bare embeddings).
+        (:func:`fastface.pipeline_pulid.save_pulid_face_file`) or :class:`PuLIDIdentity` (no bare embeddings).
         ``method``: baseline, dcg, am1, am2, fastface-am1 (default), fastface-am2; ``method_options`` override its
         settings (``alpha``, ``beta``, ``rescale``, ``p``, ``s_up``, ``s_down``, ``d``, ``s``, ``q``, ``w``,
         ``adain``, ``guidance``, ...).
@@ -492,7 +503,7 @@ class Pipeline:
         if self.is_pulid:
             settings["pulid"] = {"version": self.adapter.version, "mode": mode, "num_zero": pulid_used.num_zero,
                                  "projection": pulid_used.projection, "id_mix": id_mix,
-                                 "id_tokens": int(tokens.shape[1])}
+                                 "id_tokens": int(tokens.shape[1]), "alignment": person.alignment}
         return Generation(images, torch.cat(latents), pixels_t, seeds, prompts, settings, evaluations)
 
     def _pulid_settings(self, lora_scale: Any, s_scale: Any, pulid_mode: Any, id_mix: Any) -> str | None:

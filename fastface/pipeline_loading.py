@@ -3,16 +3,13 @@
 Every part comes from a model recipe (:func:`fastface.presets.model_recipe`) and an adapter preset, with a local
 path override for each: ``base`` (a diffusers SDXL folder), ``unet`` (a UNet folder or file), ``weights`` (the
 distilled LoRA of hyper/lcm/tcd, or the distilled UNet file of lightning), ``vae`` (folder or file),
-``adapter_file``, ``image_encoder``, and for PuLID ``eva`` and ``face_parser``. Repo parts are looked up in the
-Hugging Face cache and downloaded only with ``download=True`` (:mod:`fastface.hub`). Everything the pipeline needs
-is resolved before anything is loaded, so a missing file is reported at once. PuLID's face models (EVA02-CLIP,
-BiSeNet, antelopev2) are needed for photos only, so they are resolved and loaded when the first photo comes
-(:func:`open_pulid_preprocessor`); precomputed PuLID identities need none of them.
+``adapter_file``, ``image_encoder``, and for PuLID ``eva``, ``face_parser`` and ``face_detector``. Repo parts are
+looked up in the Hugging Face cache and downloaded only with ``download=True`` (:mod:`fastface.hub`). Everything
+the pipeline needs is resolved before anything is loaded, so a missing file is reported at once. PuLID's face models
+and identities are in :mod:`fastface.pipeline_pulid` (loaded with the first photo).
 
-Also the face inputs: :func:`prepare_identity` (photos, face files, embeddings -> one FaceInfo),
-:func:`open_face_analyzer`, the precomputed face file format of :func:`load_face_file`; for PuLID
-:func:`prepare_pulid_identity` (photos, PuLID face files -> one :class:`PuLIDIdentity`) and
-:func:`load_pulid_face_file` (docs/usage.md).
+Also the face inputs of the IP-Adapters: :func:`prepare_identity` (photos, face files, embeddings -> one FaceInfo),
+:func:`open_face_analyzer`, the precomputed face file format of :func:`load_face_file` (docs/usage.md).
 """
 
 from __future__ import annotations
@@ -32,11 +29,9 @@ from PIL import Image
 from fastface.adapters.faces import PACK_URL, FaceAnalyzer, FaceInfo, ImageReadError, average_faces
 from fastface.adapters.ip_adapter import IPAdapterFaceID
 from fastface.adapters.pulid import PuLID
-from fastface.adapters.pulid_faces import PuLIDFaceInputs, PuLIDFacePreprocessor, load_bisenet
 from fastface.hub import WeightNotFoundError, WeightRef, is_offline, resolve, resolve_first
 from fastface.models.clip_vision import CLIPVisionEncoder
-from fastface.models.eva_clip import EVA_VISION_CONFIGS, EVAVisionTower
-from fastface.models.loading import WeightFormatError, read_safetensors, read_weights
+from fastface.models.loading import WeightFormatError, read_safetensors
 from fastface.models.lora_files import fuse_lora
 from fastface.models.text import SDXLTextConditioner, load_text_encoder
 from fastface.models.tokenizer import CLIPTokenizer
@@ -50,8 +45,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "Components", "LocalPaths", "resolve_sources", "load_components", "FaceInput", "prepare_identity",
-    "open_face_analyzer", "load_face_file", "save_face_file", "PuLIDIdentity", "prepare_pulid_identity",
-    "load_pulid_face_file", "save_pulid_face_file", "find_face_parser", "load_eva", "open_pulid_preprocessor",
+    "open_face_analyzer", "load_face_file", "save_face_file",
 ]
 
 PathLike = str | os.PathLike
@@ -71,6 +65,7 @@ class LocalPaths:
     image_encoder: PathLike | None = None
     eva: PathLike | None = None
     face_parser: PathLike | None = None
+    face_detector: PathLike | None = None
 
 
 @dataclass
@@ -107,7 +102,7 @@ def resolve_sources(
 ) -> dict[str, Path]:
     """Local paths of every part: ``unet`` (folder, or its config folder for apply='unet'), ``weights`` (or absent),
     ``text_encoder``, ``text_encoder_2``, ``vae``, ``adapter``, ``image_encoder`` (FaceID-Plus only). PuLID's face
-    models are resolved with the photos (:func:`open_pulid_preprocessor`).
+    models are resolved with the photos (:func:`fastface.pipeline_pulid.open_pulid_preprocessor`).
 
     Raises :class:`fastface.hub.WeightNotFoundError` naming the first missing part and how to get it.
     """
@@ -209,7 +204,9 @@ def load_components(
     text = _load_text(src, dtype, device)
     vae = load_vae(src["vae"], dtype=dtype, device=device)
     if adapter.variant == "pulid":
-        ip = _load_pulid(adapter, src["adapter"], device)
+        from fastface.pipeline_pulid import load_pulid  # (pipeline_pulid imports this module)
+
+        ip = load_pulid(adapter, src["adapter"], device)
     else:
         shortcut = adapter.shortcut if adapter.variant == "faceid_plus" else None
         ip = IPAdapterFaceID.from_file(src["adapter"], dtype=dtype, device=device, shortcut=shortcut)
@@ -233,22 +230,6 @@ def load_components(
             f"{unet.config.context_dim}: the parts come from different models"
         )
     return Components(unet, text, vae, ip, encoder, {k: str(v) for k, v in src.items()})
-
-
-def _load_pulid(adapter: AdapterPreset, path: Path, device: torch.device) -> PuLID:
-    """The PuLID file, in fp32 as upstream runs its encoder (the UNet may be fp16); its version must be the preset's."""
-    try:
-        pulid = PuLID.from_file(path, dtype=torch.float32, device=device)
-    except WeightFormatError as exc:
-        raise WeightFormatError(f"{exc} (adapter {adapter.name!r} needs guozinan/PuLID's "
-                                f"{getattr(adapter.weights, 'filename', 'PuLID file')})") from exc
-    if pulid.version != adapter.pulid_version:
-        right = {"v1": "pulid", "v1.1": "pulid-v1.1"}[pulid.version]
-        raise WeightFormatError(
-            f"{path}: this is a PuLID {pulid.version} file, but the adapter preset {adapter.name!r} is PuLID "
-            f"{adapter.pulid_version}; use --adapter {right} (adapter={right!r}) or the matching file"
-        )
-    return pulid
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -309,8 +290,6 @@ def open_face_analyzer(
             f"{PACK_URL.format(name=pack)} and unzip it there, or pass face_root= / --face-root"
         ) from exc
     return FaceAnalyzer(root, pack=pack)
-
-
 
 
 def load_face_file(path: PathLike) -> FaceInfo:
@@ -385,277 +364,3 @@ def save_face_file(path: PathLike, face: FaceInfo) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata={"crop_channels": face.crop_channels, "format": "fastface-face-v1"})
     return path
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# PuLID: face models and identities
-
-PULID_FACE_FORMAT = "fastface-pulid-v1"
-_FACEXLIB_SUBDIR = ("models", "facexlib")  # under the face root, next to insightface's models/<pack>
-
-
-@dataclass(frozen=True, eq=False)
-class PuLIDIdentity:
-    """One person's PuLID encoder inputs, one row per photo (reference/id-adapters.md 4.5).
-
-    ``id_cond`` [n, 1280]: the antelopev2 raw embedding (512) ‖ the L2-normalised EVA02-CLIP CLS projection (768).
-    ``hidden_states``: 5 tensors [n, 577, 1024], EVA's residual stream after blocks 4, 8, 12, 16 and 20 (CLS first).
-    Several photos are encoded as upstream does (:meth:`fastface.adapters.pulid.PuLID.encode`).
-    """
-
-    id_cond: torch.Tensor
-    hidden_states: tuple[torch.Tensor, ...]
-    source: str = "precomputed"
-
-    def __post_init__(self) -> None:
-        c = self.id_cond
-        hidden = tuple(self.hidden_states)
-        object.__setattr__(self, "hidden_states", hidden)
-        if not isinstance(c, torch.Tensor) or c.ndim != 2 or not c.is_floating_point() or not len(c):
-            raise ValueError(f"{self.source}: PuLID id_cond must be a float tensor [n_photos, 1280], got "
-                             f"{getattr(c, 'shape', type(c).__name__)}")
-        if not hidden or not all(isinstance(h, torch.Tensor) and h.ndim == 3 for h in hidden):
-            raise ValueError(f"{self.source}: PuLID hidden_states must be EVA hidden states [n_photos, tokens, width]")
-        shapes = {tuple(h.shape) for h in hidden}
-        if len(shapes) != 1 or next(iter(shapes))[0] != len(c):
-            raise ValueError(f"{self.source}: every EVA hidden state must be [{len(c)}, tokens, width] (one row per "
-                             f"photo, like id_cond), got {sorted(shapes)}")
-        if not torch.isfinite(c).all() or not all(torch.isfinite(h).all() for h in hidden):
-            raise ValueError(f"{self.source}: the PuLID identity holds NaN or infinite values")
-
-    @property
-    def num_images(self) -> int:
-        return len(self.id_cond)
-
-    @classmethod
-    def from_inputs(cls, inputs: PuLIDFaceInputs) -> PuLIDIdentity:
-        """From one photo's :class:`~fastface.adapters.pulid_faces.PuLIDFaceInputs`."""
-        return cls(inputs.id_cond, tuple(inputs.hidden_states), inputs.source)
-
-    @classmethod
-    def stack(cls, people: Sequence[PuLIDIdentity]) -> PuLIDIdentity:
-        """Several photos' identities as one (rows in order); their EVA shapes must agree."""
-        people = list(people)
-        if len(people) == 1:
-            return people[0]
-        shapes = {(len(p.hidden_states), tuple(p.hidden_states[0].shape[1:]), p.id_cond.shape[1]) for p in people}
-        if len(shapes) != 1:
-            raise ValueError(f"cannot combine PuLID identities with different EVA shapes: {sorted(shapes)}")
-        dev = people[0].id_cond.device
-        id_cond = torch.cat([p.id_cond.to(dev, torch.float32) for p in people])
-        hidden = tuple(torch.cat([p.hidden_states[j].to(dev, torch.float32) for p in people])
-                       for j in range(len(people[0].hidden_states)))
-        return cls(id_cond, hidden, "; ".join(p.source for p in people))
-
-
-_NOT_FOR_PULID = (
-    "PuLID needs photos or a PuLID face file: an ArcFace embedding ({what}) lacks the EVA02-CLIP features of the "
-    "parsed face that PuLID encodes. Pass the photo(s), or make a PuLID face file with "
-    "`fastface embed --adapter pulid --face PHOTO -o me.safetensors` (fastface.save_pulid_face_file)"
-)
-
-
-def prepare_pulid_identity(face: Any, preprocessor: Callable[[], PuLIDFacePreprocessor]) -> PuLIDIdentity:
-    """One person's :class:`PuLIDIdentity` from ``face``: a photo (path, PIL image, uint8 array), a PuLID face file
-    (:func:`load_pulid_face_file`), a :class:`PuLIDIdentity` or ``PuLIDFaceInputs``, or a list of these (several
-    photos: their rows are concatenated). ``preprocessor()`` gives the antelopev2 + BiSeNet + EVA preprocessing,
-    only when a photo needs it. ArcFace embeddings (FaceInfo, ``.npy``, float arrays) are rejected.
-    """
-    if isinstance(face, (list, tuple)):
-        if not face:
-            raise ValueError("face is an empty list; give at least one photo or PuLID face file")
-        return PuLIDIdentity.stack([prepare_pulid_identity(f, preprocessor) for f in face])
-    if face is None:
-        raise ValueError("face is required: a photo, several photos of one person, or a PuLID face file")
-    if isinstance(face, PuLIDIdentity):
-        return face
-    if isinstance(face, PuLIDFaceInputs):
-        return PuLIDIdentity.from_inputs(face)
-    if isinstance(face, FaceInfo):
-        raise ValueError(f"{face.source}: " + _NOT_FOR_PULID.format(what="a FaceInfo"))
-    if isinstance(face, torch.Tensor) or (isinstance(face, np.ndarray) and face.dtype.kind == "f"):
-        raise ValueError(_NOT_FOR_PULID.format(what="a float array"))
-    if isinstance(face, (str, os.PathLike)):
-        path = Path(face).expanduser()
-        if not path.is_file():
-            raise ImageReadError(f"{face}: no such file (a face photo or a PuLID .safetensors face file)")
-        if path.suffix.lower() == ".npy":
-            raise ValueError(f"{path}: " + _NOT_FOR_PULID.format(what="a .npy file"))
-        if path.suffix.lower() == ".safetensors":
-            return load_pulid_face_file(path)
-    return PuLIDIdentity.from_inputs(preprocessor()(face))
-
-
-def load_pulid_face_file(path: PathLike) -> PuLIDIdentity:
-    """A precomputed PuLID identity: a ``.safetensors`` file with ``pulid_id_cond`` float ``[1280]`` or ``[N, 1280]``
-    and ``pulid_hidden_states`` float ``[5, 577, 1024]`` or ``[N, 5, 577, 1024]`` (N photos; header metadata
-    ``format`` = ``fastface-pulid-v1``). :func:`save_pulid_face_file` and ``fastface embed --adapter pulid`` write it.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: no such PuLID face file")
-    try:
-        sd = read_safetensors(path)
-    except WeightFormatError as exc:
-        raise ValueError(str(exc)) from exc
-    if "pulid_id_cond" not in sd or "pulid_hidden_states" not in sd:
-        what = "a FaceID face file (ArcFace embedding only)" if "embedding" in sd else f"tensors {sorted(sd)[:6]}"
-        raise ValueError(f"{path}: no 'pulid_id_cond' / 'pulid_hidden_states' tensors ({what}); "
-                         + _NOT_FOR_PULID.format(what="a FaceID face file"))
-    c, h = sd["pulid_id_cond"], sd["pulid_hidden_states"]
-    c = c[None] if c.ndim == 1 else c
-    h = h[None] if h.ndim == 3 else h
-    if not c.is_floating_point() or c.ndim != 2 or not h.is_floating_point() or h.ndim != 4 or len(h) != len(c):
-        raise ValueError(f"{path}: expected float pulid_id_cond [N, 1280] and pulid_hidden_states [N, 5, tokens, "
-                         f"width], got {c.dtype} {tuple(c.shape)} and {h.dtype} {tuple(h.shape)}")
-    names = path.name if len(c) == 1 else f"{path.name} ({len(c)} photos)"
-    return PuLIDIdentity(c.float(), tuple(h[:, j].float() for j in range(h.shape[1])), names)
-
-
-def save_pulid_face_file(path: PathLike, person: PuLIDIdentity) -> Path:
-    """Write a PuLID identity as the ``.safetensors`` face file of :func:`load_pulid_face_file` (fp32; about 12 MB
-    per photo with the released EVA02-CLIP-L)."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        raise ValueError(f"{path}: PuLID face files are written as .safetensors")
-    tensors = {
-        "pulid_id_cond": person.id_cond.detach().float().cpu().contiguous(),
-        "pulid_hidden_states": torch.stack([h.detach().float().cpu() for h in person.hidden_states], 1).contiguous(),
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata={"format": PULID_FACE_FORMAT, "source": person.source[:500]})
-    return path
-
-
-def _face_root(root: PathLike | None) -> Path:
-    return Path(os.path.expanduser(os.fspath(root or "~/.insightface")))
-
-
-def _facexlib_weights_dir() -> Path | None:
-    """facexlib's own download folder (``<site-packages>/facexlib/weights``), found without importing facexlib."""
-    import importlib.util
-
-    try:
-        spec = importlib.util.find_spec("facexlib")
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.origin:
-        return None
-    return Path(spec.origin).parent / "weights"
-
-
-def _download_url(url: str, dest: Path) -> None:
-    """Fetch ``url`` into ``dest`` through a temporary file (no partial file is left behind)."""
-    import shutil
-    import tempfile
-    import urllib.request
-
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=dest.parent, prefix=dest.name, suffix=".part", delete=False) as tmp:
-        part = Path(tmp.name)
-        try:
-            with urllib.request.urlopen(url, timeout=60) as response:  # noqa: S310  (a fixed https URL)
-                shutil.copyfileobj(response, tmp)
-        except BaseException:
-            tmp.close()
-            part.unlink(missing_ok=True)
-            raise
-    part.replace(dest)
-
-
-def find_face_parser(
-    adapter: AdapterPreset, face_root: PathLike | None = None, path: PathLike | None = None, *, download: bool = False
-) -> Path:
-    """facexlib's BiSeNet face-parsing weights (``parsing_bisenet.pth``) for PuLID.
-
-    ``path`` (``face_parser=`` / ``--face-parser``) is used as given. Otherwise the file is looked for in
-    ``<face_root>/models/facexlib/`` (``face_root`` default ``~/.insightface``, the folder of the insightface packs)
-    and in facexlib's own download folder if facexlib is installed. The weights are a GitHub release asset, not on
-    the Hugging Face hub: with ``download`` (and ``HF_HUB_OFFLINE`` unset) a missing file is fetched from
-    ``adapter.face_parser`` into ``<face_root>/models/facexlib/``; otherwise it is a one-line
-    :class:`~fastface.hub.WeightNotFoundError` saying how to get it.
-    """
-    if path is not None:
-        p = Path(os.path.expanduser(os.fspath(path)))
-        if not p.is_file():
-            raise WeightNotFoundError(f"{p}: no such BiSeNet face-parsing file (facexlib's parsing_bisenet.pth, "
-                                      f"from {adapter.face_parser})")
-        return p
-    name = adapter.face_parser_file
-    if name is None:
-        raise ValueError(f"adapter {adapter.name!r} uses no face parser")
-    folder = _face_root(face_root).joinpath(*_FACEXLIB_SUBDIR)
-    places = [folder] + [d for d in (_facexlib_weights_dir(),) if d is not None]
-    for place in places:
-        if (place / name).is_file():
-            return place / name
-    url = adapter.face_parser if "://" in adapter.face_parser else None
-    reason = ""
-    if download and url and not is_offline():
-        logger.warning("downloading facexlib's BiSeNet face-parsing weights %s into %s", url, folder)
-        try:
-            _download_url(url, folder / name)
-            return folder / name
-        except Exception as exc:  # network problems: one clear error
-            reason = f"The download failed ({type(exc).__name__}: {exc}). "
-    elif download and url:
-        reason = "Downloads were allowed but HF_HUB_OFFLINE is set, so the network was not used. "
-    get = f"download {url} into {folder}" if url else f"put {name} into {folder}"
-    raise WeightNotFoundError(
-        f"PuLID's face parser (facexlib BiSeNet, {name}) was not found in {' or '.join(map(str, places))}. {reason}"
-        f"To get it: {get} (it is a GitHub release asset, not on the Hugging Face hub); or pass face_parser= / "
-        "--face-parser PATH; or allow downloads (download=True, or the CLI's --download)."
-    )
-
-
-def load_eva(path: PathLike, *, device: torch.device | str = "cpu") -> EVAVisionTower:
-    """The EVA02-CLIP vision tower of a checkpoint (``visual.*`` keys; fp32, as PuLID runs it). The config is the
-    named one (:data:`fastface.models.eva_clip.EVA_VISION_CONFIGS`) whose shapes the file has."""
-    path = Path(path)
-    sd = read_weights(path)
-    errors = []
-    for name in EVA_VISION_CONFIGS:
-        try:
-            return EVAVisionTower.from_state_dict(sd, config=name, source=str(path), dtype=torch.float32, device=device)
-        except WeightFormatError as exc:
-            errors.append(exc)
-    raise WeightFormatError(f"{errors[0]} (PuLID needs QuanSun/EVA-CLIP EVA02_CLIP_L_336_psz14_s6B.pt)")
-
-
-def check_pulid_eva(adapter: PuLID, eva: EVAVisionTower, source: str) -> None:
-    """The EVA tower must give the inputs the PuLID encoder takes (512 + CLS projection width, hidden width, layers)."""
-    c, e = adapter.config, eva.config
-    if (c.id_dim, c.vit_dim, c.num_vit_layers) != (512 + e.embed_dim, e.width, len(e.hidden_layers)):
-        raise WeightFormatError(
-            f"{source}: this EVA tower gives id_cond of width {512 + e.embed_dim}, hidden states of width {e.width} "
-            f"from {len(e.hidden_layers)} layers, but the PuLID file ({adapter.source}) expects {c.id_dim}, "
-            f"{c.vit_dim} and {c.num_vit_layers}; PuLID needs EVA02-CLIP-L-14-336"
-        )
-
-
-def open_pulid_preprocessor(
-    adapter: AdapterPreset,
-    *,
-    face_root: PathLike | None = None,
-    eva: PathLike | None = None,
-    face_parser: PathLike | None = None,
-    device: torch.device | str = "cpu",
-    download: bool = False,
-    cache_dir: PathLike | None = None,
-    pulid: PuLID | None = None,
-) -> tuple[PuLIDFacePreprocessor, dict[str, str]]:
-    """PuLID's photo preprocessing (antelopev2 + BiSeNet + EVA02-CLIP, all fp32 on ``device``) and the files used.
-
-    ``eva``/``face_parser``: local files replacing the preset's (EVA from the Hugging Face cache, BiSeNet from
-    :func:`find_face_parser`). Every file is found before any is loaded. ``pulid``: check the EVA tower against it.
-    """
-    eva_path = resolve(eva if eva is not None else adapter.eva, cache_dir=cache_dir, download=download)
-    parser_path = find_face_parser(adapter, face_root, face_parser, download=download)
-    analyzer = open_face_analyzer(face_root, adapter.face_pack, download=download)
-    tower = load_eva(eva_path, device=device)
-    if pulid is not None:
-        check_pulid_eva(pulid, tower, str(eva_path))
-    bisenet = load_bisenet(parser_path, device=device)
-    return PuLIDFacePreprocessor(analyzer, bisenet, tower), {"eva": str(eva_path), "face_parser": str(parser_path)}

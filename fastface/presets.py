@@ -50,6 +50,7 @@ __all__ = [
     "PULID_REPO",
     "EVA_CLIP_REPO",
     "BISENET_URL",
+    "RETINAFACE_URL",
     "get_adapter_preset",
     "MethodPreset",
     "METHOD_PRESETS",
@@ -73,6 +74,8 @@ EVA_CLIP_REPO = "QuanSun/EVA-CLIP"
 EVA02_L_336 = "EVA02_CLIP_L_336_psz14_s6B.pt"
 # facexlib's face-parsing BiSeNet: a GitHub release asset (not on the Hugging Face hub).
 BISENET_URL = "https://github.com/xinntao/facexlib/releases/download/v0.2.0/parsing_bisenet.pth"
+# facexlib's RetinaFace-R50 (upstream PuLID's face alignment): a GitHub release asset too (facexlib.detection).
+RETINAFACE_URL = "https://github.com/xinntao/facexlib/releases/download/v0.1.0/detection_Resnet50_Final.pth"
 
 Apply = Literal["lora", "unet", "none"]
 Params = tuple[tuple[str, object], ...]
@@ -516,8 +519,9 @@ class AdapterPreset:
     (the paper's "lora_scale"; PuLID has none); ``s_scale``: FaceID-Plus-v2 shortcut weight; ``invert_first_token``:
     AM2 inverts id token 0 (FaceID-Plus-v2's background token, paper App. E).
     PuLID only: ``eva`` the EVA02-CLIP-L-14-336 checkpoint (``visual.*`` keys), ``face_parser`` the release URL of
-    facexlib's BiSeNet weights (found locally by file name, downloaded only on request), ``pulid_mode`` the default
-    mode of :data:`fastface.adapters.pulid.PULID_MODES` (zero tokens + projection).
+    facexlib's BiSeNet weights (found locally by file name, downloaded only on request), ``face_detector`` the
+    release URL of facexlib's RetinaFace-R50 weights (likewise; None: align with insightface's keypoints),
+    ``pulid_mode`` the default mode of :data:`fastface.adapters.pulid.PULID_MODES` (zero tokens + projection).
     """
 
     name: str
@@ -534,6 +538,7 @@ class AdapterPreset:
     invert_first_token: bool = False
     eva: HubFile | str | os.PathLike | None = None
     face_parser: str | None = None
+    face_detector: str | None = None
     pulid_version: Literal["v1", "v1.1"] | None = None
     pulid_mode: str | None = None
 
@@ -558,15 +563,21 @@ class AdapterPreset:
             raise ValueError(f"AdapterPreset.face_pack must name an insightface pack, got {self.face_pack!r}")
         if _check_int("AdapterPreset.det_size", self.det_size, 32) % 32:
             raise ValueError(f"AdapterPreset.det_size must be a multiple of 32, got {self.det_size}")
-        pulid = (self.eva, self.face_parser, self.pulid_version, self.pulid_mode)
+        pulid = (self.eva, self.face_parser, self.face_detector, self.pulid_version, self.pulid_mode)
         if self.variant != "pulid":
             if any(v is not None for v in pulid):
-                raise ValueError("eva, face_parser, pulid_version and pulid_mode are PuLID settings (variant='pulid')")
+                raise ValueError("eva, face_parser, face_detector, pulid_version and pulid_mode are PuLID settings "
+                                 "(variant='pulid')")
             return
         _check_source("AdapterPreset.eva", self.eva, optional=False)
         if not isinstance(self.face_parser, str) or not self.face_parser.rstrip("/").rsplit("/", 1)[-1]:
             raise ValueError(f"AdapterPreset.face_parser must be the URL or file name of the BiSeNet weights, "
                              f"got {self.face_parser!r}")
+        if self.face_detector is not None and (
+            not isinstance(self.face_detector, str) or not self.face_detector.rstrip("/").rsplit("/", 1)[-1]
+        ):
+            raise ValueError(f"AdapterPreset.face_detector must be the URL or file name of the RetinaFace weights "
+                             f"(or None), got {self.face_detector!r}")
         if self.pulid_version not in ("v1", "v1.1"):
             raise ValueError(f"AdapterPreset.pulid_version must be 'v1' or 'v1.1', got {self.pulid_version!r}")
         if self.pulid_mode not in PULID_MODES:
@@ -578,6 +589,11 @@ class AdapterPreset:
     def face_parser_file(self) -> str | None:
         """The BiSeNet weights' file name (the last part of ``face_parser``), or None."""
         return None if self.face_parser is None else self.face_parser.rstrip("/").rsplit("/", 1)[-1]
+
+    @property
+    def face_detector_file(self) -> str | None:
+        """The RetinaFace weights' file name (the last part of ``face_detector``), or None."""
+        return None if self.face_detector is None else self.face_detector.rstrip("/").rsplit("/", 1)[-1]
 
 
 _IMAGE_ENCODER_FILES = ("config.json", "model.safetensors")
@@ -616,6 +632,7 @@ ADAPTER_PRESETS: dict[str, AdapterPreset] = {
         face_pack="antelopev2",
         eva=HubFile(EVA_CLIP_REPO, EVA02_L_336),
         face_parser=BISENET_URL,
+        face_detector=RETINAFACE_URL,
         pulid_version="v1",
         pulid_mode="fidelity",
     ),
@@ -627,6 +644,7 @@ ADAPTER_PRESETS: dict[str, AdapterPreset] = {
         face_pack="antelopev2",
         eva=HubFile(EVA_CLIP_REPO, EVA02_L_336),
         face_parser=BISENET_URL,
+        face_detector=RETINAFACE_URL,
         pulid_version="v1.1",
         pulid_mode="v1.1",
     ),

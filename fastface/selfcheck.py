@@ -226,8 +226,8 @@ def tiny_face(seed: int = 0, crop_size: int = 56):
 @torch.no_grad()
 def tiny_pulid_identity(eva_file: str | os.PathLike, seed: int = 0):
     """A random PuLID identity for the tiny pipeline: the tiny EVA tower's outputs for a random grey "face" image and
-    a random raw 512-d embedding (:class:`fastface.pipeline_loading.PuLIDIdentity`)."""
-    from fastface.pipeline_loading import PuLIDIdentity, load_eva
+    a random raw 512-d embedding (:class:`fastface.pipeline_pulid.PuLIDIdentity`)."""
+    from fastface.pipeline_pulid import PuLIDIdentity, load_eva
 
     eva = load_eva(eva_file)
     gen = torch.Generator().manual_seed(seed)
@@ -245,7 +245,7 @@ def run_selfcheck(out_dir: str | os.PathLike | None = None, *, device: str | Non
     from fastface.pipeline import Pipeline
     from fastface.presets import METHOD_PRESETS
 
-    from fastface.pipeline_loading import save_pulid_face_file
+    from fastface.pipeline_pulid import save_pulid_face_file
 
     ok = True
     start = time.perf_counter()

@@ -239,7 +239,7 @@ def test_generate_pulid_from_a_photo(env):
 
 
 def test_embed_pulid_face_file(env, monkeypatch):
-    from fastface.pipeline_loading import load_pulid_face_file
+    from fastface.pipeline_pulid import load_pulid_face_file
 
     root, variables = env
     monkeypatch.chdir(root)
@@ -263,9 +263,12 @@ def test_embed_pulid_face_file(env, monkeypatch):
         (["--adapter", "faceid", "--face", "emb.npy", "--pulid-mode", "style"], EXIT_USAGE, "is a PuLID option"),
         (["--adapter", "pulid", "--face", "photo.png", "--lora-scale", "0.5"], EXIT_USAGE, "PuLID has no LoRA"),
         (["--adapter", "pulid-v1.1", "--face", "photo.png", "--id-mix"], EXIT_USAGE, "--id-mix is a PuLID v1 option"),
+        (["--adapter", "pulid", "--face", "photo.png", "--face-detector", "nowhere.pth"], EXIT_WEIGHTS,
+         "nowhere.pth: no such RetinaFace file"),
+        (["--adapter", "faceid", "--face", "emb.npy", "--face-detector", "x.pth"], EXIT_USAGE, "is a PuLID option"),
     ],
     ids=["missing-eva", "missing-bisenet", "missing-local-eva", "embedding", "faceid-face-file", "mode-not-pulid",
-         "lora-scale", "id-mix-v1.1"],
+         "lora-scale", "id-mix-v1.1", "missing-local-detector", "detector-not-pulid"],
 )
 def test_pulid_error_paths(env, monkeypatch, capsys, args, code, message):
     root, variables = env
@@ -276,3 +279,36 @@ def test_pulid_error_paths(env, monkeypatch, capsys, args, code, message):
     assert main(["generate", "-p", "x", *args, *TINY]) == code
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("fastface: error:") and message in lines[0], lines
+
+
+def test_pulid_alignment_retinaface_or_keypoints(env, monkeypatch, caplog, tmp_path):
+    """--face-detector FILE: photos aligned with RetinaFace (recorded in the PNG and the face file, and in the
+    regenerating command); without the file: insightface keypoints and the warning saying how to get it."""
+    from test_pipeline_pulid import write_tiny_retinaface
+
+    from fastface.pipeline_pulid import load_pulid_face_file
+
+    root, variables = env
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("HF_HUB_CACHE", variables["HF_HUB_CACHE"])
+    monkeypatch.setattr("fastface.pipeline_pulid._facexlib_weights_dir", lambda: None)
+    det = write_tiny_retinaface(tmp_path / "detection_Resnet50_Final.pth", root / "photo.png")
+    gen = ["generate", "--adapter", "pulid", "--face", "photo.png", "--face-root", "insightface", "-p", "x",
+           "--method", "baseline", "--seed", "1", *TINY]
+    with caplog.at_level("INFO", logger="fastface.pipeline_pulid"):
+        assert main([*gen, "--face-detector", str(det), "-o", "rf.png"]) == 0
+    assert "aligned as upstream" in caplog.text and "differs from upstream" not in caplog.text
+    with Image.open(root / "rf.png") as im:
+        m = json.loads(im.text[METADATA_KEY])
+    assert m["pulid"]["alignment"] == "retinaface" and m["weights"]["face_detector"] == str(det)
+    assert f"--face-detector {det}" in m["command"]
+    assert main(["embed", "--adapter", "pulid", "--face", "photo.png", "--face-root", "insightface", "--device",
+                 "cpu", "--face-detector", str(det), "-o", "rf.safetensors"]) == 0
+    assert load_pulid_face_file(root / "rf.safetensors").alignment == "retinaface"
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fastface.pipeline_pulid"):
+        assert main([*gen, "-o", "kp.png"]) == 0
+    assert "differs from upstream" in caplog.text and "--face-detector" in caplog.text
+    with Image.open(root / "kp.png") as im:
+        m = json.loads(im.text[METADATA_KEY])
+    assert m["pulid"]["alignment"] == "insightface-keypoints" and "face_detector" not in m["weights"]

@@ -27,16 +27,19 @@ from fastface.adapters.pulid_faces import BiSeNet, PuLIDFacePreprocessor, load_b
 from fastface.hub import HubFile, WeightNotFoundError
 from fastface.models.loading import WeightFormatError
 from fastface.pipeline import METADATA_KEY, Pipeline
-from fastface.pipeline_loading import (
+from fastface.pipeline_loading import save_face_file
+from fastface.pipeline_pulid import (
+    ALIGN_KEYPOINTS,
+    ALIGN_RETINAFACE,
     PuLIDIdentity,
+    find_face_detector,
     find_face_parser,
     load_eva,
     load_pulid_face_file,
     open_pulid_preprocessor,
-    save_face_file,
     save_pulid_face_file,
 )
-from fastface.presets import ADAPTER_PRESETS, BISENET_URL, get_adapter_preset, resolve_method
+from fastface.presets import ADAPTER_PRESETS, BISENET_URL, RETINAFACE_URL, get_adapter_preset, resolve_method
 from fastface.selfcheck import tiny_face, write_tiny_weights
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -264,7 +267,7 @@ def test_missing_face_models_say_how_to_get_them(env, tmp_path, monkeypatch):
 
 
 def test_face_parser_is_downloaded_only_when_allowed(tmp_path, monkeypatch):
-    import fastface.pipeline_loading as loading
+    import fastface.pipeline_pulid as loading
 
     calls = []
 
@@ -287,3 +290,158 @@ def test_face_parser_is_downloaded_only_when_allowed(tmp_path, monkeypatch):
     got = find_face_parser(preset, tmp_path, download=True)
     assert calls == [BISENET_URL] and got == tmp_path / "models" / "facexlib" / "parsing_bisenet.pth"
     assert find_face_parser(preset, tmp_path, download=True) == got and len(calls) == 1  # found now
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Alignment: facexlib's RetinaFace when its file is found, else insightface keypoints with a warning
+
+
+def write_tiny_retinaface(path: Path, photo: Path) -> Path:
+    """facexlib's ``detection_Resnet50_Final.pth`` layout (``module.`` prefix, torch pickle) with random weights
+    (the released file's shapes: only ResNet-50 exists) whose detections on ``photo`` pass the 0.97 threshold: face
+    logits raised by 20, box and landmark heads scaled so that outputs stay near the anchors (std 0.3 on ``photo``),
+    landmark biases a face-like 5-point pattern (eyes above, nose centre, mouth below) so the alignment is regular."""
+    from fastface.models.retinaface import RetinaFace
+
+    torch.manual_seed(11)
+    net = RetinaFace().eval()
+    bgr = np.ascontiguousarray(np.asarray(Image.open(photo).convert("RGB"))[..., ::-1])
+    pattern = torch.tensor([-3.0, -2, 3, -2, 0, 0, -2, 3, 2, 3])  # in units of 0.1 x the anchor size
+    with torch.no_grad():
+        feats_in = net.fpn(net.body(net.preprocess(bgr)))
+        feats = [net.ssh1(feats_in[0]), net.ssh2(feats_in[1]), net.ssh3(feats_in[2])]
+        for heads, bias in ((net.BboxHead, None), (net.LandmarkHead, pattern)):
+            k = 0.3 / float(torch.cat([h(f).flatten() for h, f in zip(heads, feats)]).std())
+            for h in heads:
+                h.conv1x1.weight.mul_(k)
+                h.conv1x1.bias.copy_(torch.zeros_like(h.conv1x1.bias) if bias is None else bias.repeat(2))
+        for h in net.ClassHead:
+            h.conv1x1.bias += torch.tensor([0, 20.0] * 2)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({f"module.{k}": v for k, v in net.state_dict().items()}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def detector_file(env, tmp_path_factory):
+    return write_tiny_retinaface(tmp_path_factory.mktemp("retinaface") / "detection_Resnet50_Final.pth", env[2][0])
+
+
+def _hand_built(env, detector=None) -> PuLIDFacePreprocessor:
+    w, face_root, _ = env
+    bisenet = load_bisenet(face_root / "models" / "facexlib" / "parsing_bisenet.pth")
+    return PuLIDFacePreprocessor(FaceAnalyzer(face_root, pack="antelopev2"), bisenet, load_eva(w.eva),
+                                 detector=detector)
+
+
+def test_retinaface_alignment_when_the_file_is_found(env, detector_file, tmp_path, monkeypatch, caplog):
+    """Explicit face_detector=, then found in <face_root>/models/facexlib/: the UNet receives the tokens of
+    PuLIDFacePreprocessor(detector=RetinaFace) built by hand (bit-exact), not those of the keypoint path."""
+    from fastface.models.retinaface import RetinaFace
+
+    w, face_root, photos = env
+    monkeypatch.setattr("fastface.pipeline_pulid._facexlib_weights_dir", lambda: None)
+    with_det = _hand_built(env, RetinaFace.from_pretrained(detector_file))(photos[0])
+    assert with_det.landmarks is not None
+    without = _hand_built(env)(photos[0])
+    assert not np.array_equal(with_det.aligned, without.aligned)  # the two paths give different crops here
+
+    # a second face root holding the detector next to BiSeNet (the packs linked from the first)
+    root2 = tmp_path / "faces2"
+    (root2 / "models" / "facexlib").mkdir(parents=True)
+    (root2 / "models" / "antelopev2").symlink_to(face_root / "models" / "antelopev2", target_is_directory=True)
+    (root2 / "models" / "facexlib" / "parsing_bisenet.pth").symlink_to(
+        face_root / "models" / "facexlib" / "parsing_bisenet.pth")
+    (root2 / "models" / "facexlib" / "detection_Resnet50_Final.pth").symlink_to(detector_file)
+    for kw, where in ((dict(face_detector=detector_file), detector_file),
+                      (dict(face_root=root2), root2 / "models" / "facexlib" / "detection_Resnet50_Final.pth")):
+        pipe = load(env, "pulid", **kw)
+        seen, hook = capture_id_tokens(pipe)
+        caplog.clear()
+        with caplog.at_level("INFO", logger="fastface.pipeline_pulid"):
+            out = pipe(PROMPT, face=photos[0], method="baseline", **KW)
+        hook.remove()
+        with torch.no_grad():
+            want = pipe.adapter.encode(with_det.id_cond, with_det.hidden_states)
+            other = pipe.adapter.encode(without.id_cond, without.hidden_states)
+        assert torch.equal(seen[0], want) and not torch.equal(seen[0], other)
+        assert "aligned as upstream, with facexlib's RetinaFace-R50" in caplog.text
+        assert "differs from upstream" not in caplog.text
+        assert out.settings["pulid"]["alignment"] == ALIGN_RETINAFACE
+        assert out.settings["weights"]["face_detector"] == str(where)
+        png = out.save(0, tmp_path / "out.png")
+        with Image.open(png) as im:
+            assert json.loads(im.text[METADATA_KEY])["pulid"]["alignment"] == ALIGN_RETINAFACE
+    # the alignment travels with a PuLID face file
+    path = save_pulid_face_file(tmp_path / "me.safetensors", pipe.identity(photos[0]))
+    assert load_pulid_face_file(path).alignment == ALIGN_RETINAFACE
+    assert pipe(PROMPT, face=path, method="baseline", **KW).settings["pulid"]["alignment"] == ALIGN_RETINAFACE
+
+
+def test_keypoint_fallback_warns(env, monkeypatch, caplog, tmp_path):
+    """No RetinaFace file: insightface keypoints (the hand-built detector=None path) and a warning saying how it
+    differs from upstream and how to get the file."""
+    w, face_root, photos = env
+    monkeypatch.setattr("fastface.pipeline_pulid._facexlib_weights_dir", lambda: None)
+    pipe = load(env, "pulid")
+    seen, hook = capture_id_tokens(pipe)
+    with caplog.at_level("WARNING", logger="fastface.pipeline_pulid"):
+        out = pipe(PROMPT, face=photos[0], method="baseline", **KW)
+    hook.remove()
+    inputs = _hand_built(env)(photos[0])
+    with torch.no_grad():
+        assert torch.equal(seen[0], pipe.adapter.encode(inputs.id_cond, inputs.hidden_states))
+    text = caplog.text
+    assert "detection_Resnet50_Final.pth" in text and "differs from upstream" in text
+    assert RETINAFACE_URL in text and str(face_root / "models" / "facexlib") in text
+    assert "--face-detector" in text and "--download" in text
+    assert out.settings["pulid"]["alignment"] == ALIGN_KEYPOINTS and "face_detector" not in out.settings["weights"]
+    path = save_pulid_face_file(tmp_path / "kp.safetensors", pipe.identity(photos[0]))
+    assert load_pulid_face_file(path).alignment == ALIGN_KEYPOINTS
+    mixed = PuLIDIdentity.stack([load_pulid_face_file(path), PuLIDIdentity(inputs.id_cond, inputs.hidden_states)])
+    assert mixed.alignment == f"{ALIGN_KEYPOINTS}, unknown"
+    # an explicit path must exist; other adapters refuse the option
+    with pytest.raises(WeightNotFoundError, match="nowhere.pth: no such RetinaFace file"):
+        load(env, "pulid", face_detector=tmp_path / "nowhere.pth")(PROMPT, face=photos[0], **KW)
+    with pytest.raises(ValueError, match="face_detector are PuLID's face models"):
+        Pipeline.from_pretrained("hyper", "faceid", base=w.base, weights=w.lora, face_detector="x.pth",
+                                 device="cpu", dtype="fp32")
+
+
+def test_face_detector_is_downloaded_only_when_allowed(tmp_path, monkeypatch, caplog):
+    import fastface.pipeline_pulid as pulid_loading
+
+    calls = []
+
+    def fake(url, dest):
+        calls.append(url)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(b"weights")
+
+    monkeypatch.setattr(pulid_loading, "_download_url", fake)
+    monkeypatch.setattr(pulid_loading, "_facexlib_weights_dir", lambda: None)
+    preset = ADAPTER_PRESETS["pulid"]
+    assert preset.face_detector == RETINAFACE_URL and preset.face_detector_file == "detection_Resnet50_Final.pth"
+    assert RETINAFACE_URL.startswith("https://github.com/xinntao/facexlib/releases/")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    assert find_face_detector(preset, tmp_path) is None and calls == []
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with caplog.at_level("WARNING", logger="fastface.pipeline_pulid"):
+        assert find_face_detector(preset, tmp_path, download=True) is None
+    assert "HF_HUB_OFFLINE is set" in caplog.text and calls == []
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    got = find_face_detector(preset, tmp_path, download=True)
+    assert calls == [RETINAFACE_URL] and got == tmp_path / "models" / "facexlib" / "detection_Resnet50_Final.pth"
+    assert find_face_detector(preset, tmp_path, download=True) == got and len(calls) == 1  # found now
+
+    def failing(url, dest):
+        raise OSError("no network")
+
+    monkeypatch.setattr(pulid_loading, "_download_url", failing)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fastface.pipeline_pulid"):  # optional: a failed download falls back
+        assert find_face_detector(preset, tmp_path / "other", download=True) is None
+    assert "The download failed (OSError: no network)" in caplog.text
+    with pytest.raises(ValueError, match="face_detector must be the URL or file name"):
+        get_adapter_preset("pulid", face_detector="")
+    assert find_face_detector(get_adapter_preset("pulid", face_detector=None), tmp_path / "other") is None
