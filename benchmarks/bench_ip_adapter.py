@@ -4,7 +4,7 @@
     python benchmarks/bench_ip_adapter.py --config tiny --latent 16                           # quick smoke run
 
 Random weights at the config's real shapes (SDXL by default: 140 attention layers, LoRA rank 128). Times, as the
-median of interleaved repeats on the same inputs, (a) the UNet alone, (b) + identity branch (to_k_ip/to_v_ip and
+median of repeats on the same inputs after a warm-up per mode, (a) the UNet alone, (b) + identity branch (to_k_ip/to_v_ip and
 the explicit 4-token attention in every attn2), (c) + the rank-128 LoRA on q/k/v/out of all 140 layers, unfused
 (the exact reference computation), (d) the same with the LoRA fused. Prints each overhead as a fraction of (a),
 after the FLOP overheads counted exactly (torch FlopCounterMode) on the meta device, which runs on any machine:
@@ -153,11 +153,13 @@ def main() -> None:
         modes = {"(a) UNet": None, "(b) + identity": "ident", "(c) + identity + LoRA unfused": "lora",
                  "(d) + identity + LoRA fused": "fused"}  # fmt: skip
         times: dict[str, list[float]] = {k: [] for k in modes}
-        for rep in range(args.repeats + 1):  # the first round is a warm-up
-            for name, mode in modes.items():
-                handle = None if mode is None else adapter.install(unet, lora=mode != "ident")
-                if mode == "fused":
-                    handle.fuse_lora()
+        # Each mode is installed once (a fused LoRA is fused once, as in use), warmed up, then timed; newly
+        # allocated fused weights would otherwise pay their first-touch page faults inside the timing.
+        for name, mode in modes.items():
+            handle = None if mode is None else adapter.install(unet, lora=mode != "ident")
+            if mode == "fused":
+                handle.fuse_lora()
+            for rep in range(args.repeats + 1):  # the first run is a warm-up
                 _sync(device)
                 t = time.perf_counter()
                 if mode is None:
@@ -167,8 +169,8 @@ def main() -> None:
                 _sync(device)
                 if rep:
                     times[name].append(time.perf_counter() - t)
-                if handle is not None:
-                    handle.remove()
+            if handle is not None:
+                handle.remove()
     med = {k: statistics.median(v) for k, v in times.items()}
     base = med["(a) UNet"]
     for name, m in med.items():
