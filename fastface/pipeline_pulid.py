@@ -287,6 +287,14 @@ def _how_to_get(name: str, url: str | None, places: list[Path]) -> str:
     return f"download {url} into {places[0]}" if url else f"put {name} into {places[0]}"
 
 
+def _given_file(path: PathLike, what: str) -> Path:
+    """A file the caller named explicitly: it must exist (else a WeightNotFoundError naming ``what``)."""
+    p = Path(os.path.expanduser(os.fspath(path)))
+    if not p.is_file():
+        raise WeightNotFoundError(f"{p}: no such {what}")
+    return p
+
+
 def find_face_parser(
     adapter: AdapterPreset, face_root: PathLike | None = None, path: PathLike | None = None, *, download: bool = False
 ) -> Path:
@@ -300,11 +308,7 @@ def find_face_parser(
     :class:`~fastface.hub.WeightNotFoundError` saying how to get it.
     """
     if path is not None:
-        p = Path(os.path.expanduser(os.fspath(path)))
-        if not p.is_file():
-            raise WeightNotFoundError(f"{p}: no such BiSeNet face-parsing file (facexlib's parsing_bisenet.pth, "
-                                      f"from {adapter.face_parser})")
-        return p
+        return _given_file(path, f"BiSeNet face-parsing file (facexlib's parsing_bisenet.pth, from {adapter.face_parser})")
     name = adapter.face_parser_file
     if name is None:
         raise ValueError(f"adapter {adapter.name!r} uses no face parser")
@@ -330,11 +334,7 @@ def find_face_detector(
     keypoints instead (not upstream's alignment) and how to get the file.
     """
     if path is not None:
-        p = Path(os.path.expanduser(os.fspath(path)))
-        if not p.is_file():
-            raise WeightNotFoundError(f"{p}: no such RetinaFace file (facexlib's detection_Resnet50_Final.pth, "
-                                      f"from {adapter.face_detector})")
-        return p
+        return _given_file(path, f"RetinaFace file (facexlib's detection_Resnet50_Final.pth, from {adapter.face_detector})")
     name = adapter.face_detector_file
     if name is None:
         return None  # a preset without RetinaFace: insightface keypoints by design
