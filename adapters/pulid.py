@@ -212,8 +212,9 @@ class IDFormer(nn.Module):
     def __init__(self, config: PuLIDEncoderConfig) -> None:
         super().__init__()
         c = self.config = config
-        self.latents = nn.Parameter(torch.empty(1, c.num_queries, c.dim))
-        self.proj_out = nn.Parameter(torch.empty(c.dim, c.context_dim))  # used as latents @ proj_out
+        # upstream's init (randn / sqrt(dim), scale * randn); a loaded file replaces both
+        self.latents = nn.Parameter(torch.randn(1, c.num_queries, c.dim) * c.dim**-0.5)
+        self.proj_out = nn.Parameter(torch.randn(c.dim, c.context_dim) * c.dim**-0.5)  # used as latents @ proj_out
         self.layers = nn.ModuleList(
             nn.ModuleList([PerceiverAttention(c.dim, c.dim_head, c.heads), _feed_forward(c.dim, c.ff_mult)])
             for _ in range(c.depth)

@@ -120,7 +120,9 @@ class _Embeddings(nn.Module):
         super().__init__()
         self.patch_size = cfg.patch_size
         self.image_size = cfg.image_size
-        self.class_embedding = nn.Parameter(torch.empty(cfg.hidden_size))
+        # initialised as transformers' CLIP does (std D^-0.5); a loaded file replaces it, but a module built without
+        # weights (tests, research forks) must never compute on uninitialised memory
+        self.class_embedding = nn.Parameter(torch.randn(cfg.hidden_size) * cfg.hidden_size**-0.5)
         self.patch_embedding = nn.Conv2d(
             cfg.num_channels, cfg.hidden_size, cfg.patch_size, stride=cfg.patch_size, bias=False
         )
