@@ -11,13 +11,14 @@ import json
 import logging
 import os
 import pickle
-import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
+
+from .file_kinds import identify
 
 logger = logging.getLogger(__name__)
 
@@ -35,72 +36,145 @@ def _list_keys(keys: Iterable[str], limit: int = 12) -> str:
     return shown + more
 
 
-def read_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> StateDict:
-    """Read a ``.safetensors`` file (memory-mapped when on CPU) with a clear error for damaged files."""
+def read_safetensors(
+    path: str | os.PathLike, device: str | torch.device = "cpu", *, check_finite: bool = True
+) -> StateDict:
+    """Read a ``.safetensors`` file (memory-mapped when on CPU) with a clear error for damaged or non-weight files.
+
+    With ``check_finite`` (the default) a floating tensor holding NaN or ±Inf is refused, naming it
+    (:func:`check_finite_tensors`).
+    """
     path = Path(path)
     if not path.is_file():
         raise WeightFormatError(f"{path}: no such file")
+    kind = identify(path)
+    if kind.kind in ("torch-zip", "pickle"):
+        raise WeightFormatError(
+            f"{path}: not a readable safetensors file: this is a PyTorch checkpoint (a pickle) named .safetensors. "
+            "Rename it to .bin (fastface reads those with the safe torch.load(weights_only=True)) or convert it."
+        )
+    if not kind.is_weights:
+        raise WeightFormatError(kind.message(path, "not a readable safetensors file"))
     try:
-        return load_file(str(path), device=str(device))
+        sd = load_file(str(path), device=str(device))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise WeightFormatError(
             f"{path}: not a readable safetensors file ({exc}). The file may be truncated (an interrupted "
             "download) or in another format; download it again or convert it to safetensors."
         ) from exc
+    if check_finite:
+        check_finite_tensors(sd, path)
+    return sd
 
 
-def read_torch_bin(path: str | os.PathLike) -> dict:
+def read_torch_bin(path: str | os.PathLike, *, check_finite: bool = True) -> dict:
     """Read a PyTorch pickle (``.bin``/``.pt``/``.pth``) safely: ``torch.load(weights_only=True)`` only.
 
-    A pickle that tries to construct arbitrary objects (and so could run code) is refused.
+    A pickle that tries to construct arbitrary objects (and so could run code) is refused. A file that is not a
+    pickle (a Git LFS pointer, an HTML page, JSON, text, another archive, an empty file) is named as such; a
+    safetensors file with a ``.bin`` name is read as safetensors. With ``check_finite`` a floating tensor holding
+    NaN or ±Inf is refused, naming it.
     """
     path = Path(path)
     if not path.is_file():
         raise WeightFormatError(f"{path}: no such file")
+    kind = identify(path)
+    if kind.kind == "safetensors":
+        logger.info("%s is a safetensors file (despite its name): reading it as such", path)
+        return read_safetensors(path, check_finite=check_finite)
+    if not kind.is_weights:
+        raise WeightFormatError(kind.message(path))
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=_is_zip(path))
+        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=kind.kind == "torch-zip")
     except pickle.UnpicklingError as exc:
+        if _is_truncation(exc):
+            raise WeightFormatError(f"{path}: truncated PyTorch weight file ({exc}); {_REDOWNLOAD_HINT}") from exc
         raise WeightFormatError(
             f"{path}: refused to load. The pickle holds objects other than plain tensors and containers "
             f"(it could run code when loaded), so fastface will not open it ({exc}). Use a .safetensors "
             "version of the file instead."
         ) from exc
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
+    except EOFError as exc:
+        raise WeightFormatError(f"{path}: truncated PyTorch weight file (it ends early); {_REDOWNLOAD_HINT}") from exc
+    except Exception as exc:  # a damaged pickle raises KeyError, IndexError, struct.error ... from the unpickler
+        if _is_truncation(exc):
+            raise WeightFormatError(f"{path}: truncated PyTorch weight file ({exc}); {_REDOWNLOAD_HINT}") from exc
         raise WeightFormatError(
-            f"{path}: not a readable PyTorch weight file ({exc}). The file may be truncated; download it again."
+            f"{path}: not a readable PyTorch weight file ({type(exc).__name__}: {exc}). The file may be truncated "
+            f"or damaged; {_REDOWNLOAD_HINT}"
         ) from exc
+    if check_finite:
+        check_finite_tensors(obj, path)
+    return obj
 
 
-def _is_zip(path: Path) -> bool:
-    # torch.save's default (zip) format can be memory-mapped; legacy pickles cannot.
-    try:
-        return zipfile.is_zipfile(path)
-    except OSError:
-        return False
+_REDOWNLOAD_HINT = "download it again"
 
 
-def read_weights(path: str | os.PathLike) -> StateDict:
-    """Read a weight file by extension: safetensors preferred, ``.bin``/``.pt``/``.pth``/``.ckpt`` via safe torch.load."""
+def _is_truncation(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return "truncated" in text or "ran out of input" in text or "eof" in text
+
+
+def check_finite_tensors(obj: object, source: str | os.PathLike) -> None:
+    """Refuse weights holding NaN or ±Inf: raise :class:`WeightFormatError` naming the first such tensor.
+
+    Walks nested dicts/lists/tuples (an IP-Adapter ``.bin`` nests ``image_proj`` and ``ip_adapter``). One
+    ``aminmax`` pass per floating tensor (NaN propagates into min/max, ±Inf shows as an infinite bound): no
+    allocation the size of the tensor, and one host sync per file, not per tensor, for tensors on an accelerator.
+    Tensors named ``*attn_mask`` are skipped (causal masks legitimately hold -inf).
+    """
+    named = [(k, t) for k, t in _walk(obj, "") if t.is_floating_point() and t.numel() and not k.endswith("attn_mask")]
+    if not named:
+        return
+    bounds = [torch.stack(t.aminmax()).float() for _, t in named]  # [2] per tensor, on the tensor's device
+    ok = torch.isfinite(torch.stack([b.to(bounds[0].device) for b in bounds])).all(dim=1).cpu()  # the one sync
+    if bool(ok.all()):
+        return
+    bad = [k for (k, _), good in zip(named, ok.tolist()) if not good]
+    key, tensor = next((k, t) for k, t in named if k == bad[0])
+    nan, inf = int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum())
+    more = f" (and {len(bad) - 1} more tensor(s): {_list_keys(bad[1:], 5)})" if len(bad) > 1 else ""
+    raise WeightFormatError(
+        f"{source}: tensor '{key}' holds non-finite values ({nan} NaN, {inf} Inf of {tensor.numel()}){more}. "
+        "The file is damaged or was saved from a diverged model; download it again or use another copy."
+    )
+
+
+def _walk(obj: object, prefix: str) -> Iterable[tuple[str, torch.Tensor]]:
+    """(dotted name, tensor) for every tensor in nested mappings and sequences."""
+    if isinstance(obj, torch.Tensor):
+        yield prefix, obj
+    elif isinstance(obj, Mapping):
+        for k, v in obj.items():
+            yield from _walk(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _walk(v, f"{prefix}.{i}" if prefix else str(i))
+
+
+def read_weights(path: str | os.PathLike, *, check_finite: bool = True) -> StateDict:
+    """Read a weight file: safetensors preferred, ``.bin``/``.pt``/``.pth``/``.ckpt`` via safe torch.load.
+
+    The format is taken from the file's content when the name does not say (or says wrong: a ``.bin`` that is
+    safetensors is read as such). ``check_finite``: refuse tensors holding NaN/Inf (see :func:`check_finite_tensors`).
+    """
     path = Path(path)
     if not path.exists():
         raise WeightFormatError(f"{path}: no such file or folder")
-    if path.suffix == ".safetensors":
-        return read_safetensors(path)
-    if path.suffix in (".bin", ".pt", ".pth", ".ckpt"):
-        obj = read_torch_bin(path)
-        if not isinstance(obj, Mapping):
-            raise WeightFormatError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
-        if "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
-            obj = obj["state_dict"]
-        return dict(obj)
-    # Unknown extension: try safetensors (cheap header check), then a safe pickle.
-    try:
-        return read_safetensors(path)
-    except WeightFormatError:
-        obj = read_torch_bin(path)
-        if not isinstance(obj, Mapping):
-            raise WeightFormatError(f"{path}: expected a dict of tensors, found {type(obj).__name__}") from None
-        return dict(obj)
+    if path.is_dir():
+        raise WeightFormatError(f"{path}: is a folder; expected a weight file (.safetensors or .bin) here")
+    if path.suffix == ".safetensors" or (path.suffix not in _TORCH_SUFFIXES and identify(path).kind == "safetensors"):
+        return read_safetensors(path, check_finite=check_finite)
+    obj = read_torch_bin(path, check_finite=check_finite)
+    if not isinstance(obj, Mapping):
+        raise WeightFormatError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
+    if path.suffix in _TORCH_SUFFIXES and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        obj = obj["state_dict"]
+    return dict(obj)
+
+
+_TORCH_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
 def find_weight_file(folder: str | os.PathLike, stem: str, variant: str | None = None) -> list[Path]:
