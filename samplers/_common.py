@@ -14,9 +14,21 @@ Callback = Optional[Callable[[int, float, torch.Tensor], None]]
 
 
 def prepare(
-    x: torch.Tensor, ts: torch.Tensor | list, schedule: NoiseSchedule | None, *, integer: bool, name: str
+    x: torch.Tensor,
+    ts: torch.Tensor | list,
+    schedule: NoiseSchedule | None,
+    *,
+    integer: bool,
+    name: str,
+    distinct: bool = True,
 ) -> tuple[torch.Tensor, NoiseSchedule]:
-    """Check x and the timesteps; return them as a 1-D float32 CPU tensor (rounded if the sampler indexes ᾱ)."""
+    """Check x and the timesteps; return them as a 1-D float32 CPU tensor (rounded if the sampler indexes ᾱ).
+
+    Timesteps must be finite, within the schedule and strictly decreasing (after the rounding, for samplers that
+    round): a repeated timestep is a zero-length step, which divides by zero in multistep solvers (``distinct=False``
+    only where the solver does not step by the timesteps, as DPM-Solver++ with Karras σ's). x must be finite: this
+    is the one check that reads x's values (one host sync, before the first model call).
+    """
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1 or x.shape[0] < 1:
         raise ValueError(f"{name}: x must be a floating-point tensor [B, ...] of standard normal noise")
     sched = schedule or sdxl_schedule()
@@ -24,12 +36,74 @@ def prepare(
     if ts.dim() != 1 or ts.numel() < 1:
         raise ValueError(f"{name}: timesteps must be a non-empty 1-D tensor, e.g. fastface.samplers.timesteps(4)")
     last = sched.num_train_timesteps - 1
-    if not torch.isfinite(ts).all() or ts.min() < 0 or ts.max() > last:
+    if not torch.isfinite(ts).all():
+        raise ValueError(f"{name}: timesteps must be finite numbers, got {ts.tolist()}; use fastface.samplers.timesteps(n)")
+    if ts.min() < 0 or ts.max() > last:
         raise ValueError(f"{name}: timesteps must lie in 0..{last}, got {ts.tolist()}")
     if (ts[1:] > ts[:-1]).any():
         raise ValueError(f"{name}: timesteps must be in descending order (highest noise first), got {ts.tolist()}")
     # samplers that index the discrete ᾱ table round like diffusers' int64 timesteps (np.round: half to even)
-    return (ts.round() if integer else ts).float(), sched
+    used = ts.round() if integer else ts
+    repeats = (used[1:] == used[:-1]).nonzero().flatten().tolist()
+    if distinct and repeats:
+        i = repeats[0]
+        rounded = " after rounding to integers (this sampler indexes the discrete schedule)" if integer else ""
+        raise ValueError(
+            f"{name}: timesteps must be strictly decreasing, but {used[i].item():g} repeats at positions {i} and "
+            f"{i + 1}{rounded}: {ts.tolist()}. A repeated timestep is a zero-length step; use distinct timesteps, "
+            "e.g. fastface.samplers.timesteps(n)"
+        )
+    bad = ~torch.isfinite(x)
+    if bad.any():
+        raise ValueError(
+            f"{name}: the input noise x holds {int(torch.isnan(x).sum())} NaN and {int(torch.isinf(x).sum())} Inf "
+            f"value(s) of {x.numel()}; pass finite standard normal noise (torch.randn)"
+        )
+    return used.float(), sched
+
+
+class FiniteGuard:
+    """Finds the first step whose model output or updated latents hold NaN/Inf, and raises naming it.
+
+    On the CPU each step is checked at once (no sync cost: a failing run stops early). On an accelerator the
+    per-step flags stay on the device and are read once, in :meth:`done` (no host sync per step).
+    """
+
+    def __init__(self, name: str, ts: torch.Tensor) -> None:
+        self.name, self.ts = name, ts
+        self.flags: list[torch.Tensor] = []
+
+    def step(self, i: int, model_out: torch.Tensor, x: torch.Tensor) -> None:
+        """Record step ``i``: [model output finite, new latents finite] (a [2] bool tensor on x's device)."""
+        flag = torch.stack([torch.isfinite(model_out).all(), torch.isfinite(x).all()])
+        if flag.device.type == "cpu":
+            self._raise_if_bad(i, flag)
+        else:
+            self.flags.append(flag)
+
+    def done(self) -> None:
+        """Read the deferred flags (one host sync) and raise for the first bad step."""
+        if not self.flags:
+            return
+        flags = torch.stack(self.flags).cpu()
+        self.flags = []
+        for i, flag in enumerate(flags):
+            self._raise_if_bad(i, flag)
+
+    def _raise_if_bad(self, i: int, flag: torch.Tensor) -> None:
+        out_ok, x_ok = bool(flag[0]), bool(flag[1])
+        if out_ok and x_ok:
+            return
+        where = f"step {i + 1} of {self.ts.numel()} (t={self.ts[i].item():g})"
+        if not out_ok:
+            raise FloatingPointError(
+                f"{self.name}: the model returned NaN/Inf at {where}. Usual causes: fp16 overflow (run in bf16 or "
+                "fp32: dtype='bf16' / --dtype bf16) or weights holding NaN/Inf (load the files again)"
+            )
+        raise FloatingPointError(
+            f"{self.name}: the latents became NaN/Inf at {where} although the model output was finite: the step "
+            "itself is degenerate (check the timesteps and sampler parameters)"
+        )
 
 
 def check_unit(name: str, param: str, value: float) -> float:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import Callback, Model, call, check_unit, noise_like, prepare
+from ._common import Callback, FiniteGuard, Model, call, check_unit, noise_like, prepare
 from .schedule import NoiseSchedule
 
 __all__ = ["lcm", "tcd"]
@@ -30,6 +30,7 @@ def lcm(
     """
     ts, sched = prepare(x, timesteps, schedule, integer=True, name="lcm")
     acp, n = sched.alphas_cumprod, ts.numel()
+    guard = FiniteGuard("lcm", ts)
     for i, t in enumerate(ts):
         eps = call(model, x, t)
         a_t = acp[int(t)]
@@ -42,8 +43,10 @@ def lcm(
             x = a_next.sqrt() * denoised + (1 - a_next).sqrt() * noise_like(x, generator)
         else:
             x = denoised
+        guard.step(i, eps, x)
         if callback is not None:
             callback(i, float(t), x)
+    guard.done()
     return x
 
 
@@ -71,6 +74,7 @@ def tcd(
         raise ValueError(f"tcd: pass either eta or its alias gamma, not both (eta={eta}, gamma={gamma})")
     eta = check_unit("tcd", "eta (gamma)", eta if eta is not None else 0.3 if gamma is None else gamma)
     acp, n = sched.alphas_cumprod, ts.numel()
+    guard = FiniteGuard("tcd", ts)
     for i, t in enumerate(ts):
         eps = call(model, x, t)
         t_next = torch.tensor(int(ts[i + 1]) if i < n - 1 else 0)
@@ -82,6 +86,8 @@ def tcd(
             x = (a_next / a_s).sqrt() * x_s + (1 - a_next / a_s).sqrt() * noise_like(x, generator)
         else:
             x = x_s
+        guard.step(i, eps, x)
         if callback is not None:
             callback(i, float(t), x)
+    guard.done()
     return x

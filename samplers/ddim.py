@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import Callback, Model, call, check_unit, noise_like, prepare
+from ._common import Callback, FiniteGuard, Model, call, check_unit, noise_like, prepare
 from .schedule import NoiseSchedule
 
 __all__ = ["ddim"]
@@ -32,6 +32,7 @@ def ddim(
     eta = check_unit("ddim", "eta", eta)
     acp = sched.alphas_cumprod
     jump = sched.num_train_timesteps // ts.numel()
+    guard = FiniteGuard("ddim", ts)
     for i, t in enumerate(ts):
         eps = call(model, x, t)
         a_t = acp[int(t)]
@@ -43,6 +44,8 @@ def ddim(
         x = a_prev**0.5 * x0 + (1 - a_prev - std**2) ** 0.5 * eps
         if eta > 0:
             x = x + std * noise_like(x, generator)
+        guard.step(i, eps, x)
         if callback is not None:
             callback(i, float(t), x)
+    guard.done()
     return x

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import Callback, Model, call, prepare
+from ._common import Callback, FiniteGuard, Model, call, prepare
 from .schedule import NoiseSchedule, karras_sigmas, sigma_at
 from .schedule import timesteps as make_timesteps
 
@@ -38,7 +38,8 @@ def dpmpp_2m(
     Use ``timesteps(n, "trailing")``; with ``karras=True`` (``use_karras_sigmas=True``) pass ``timesteps(n, "karras")``:
     the model sees those rounded timesteps while the solver uses the exact Karras σ's, as diffusers does.
     """
-    ts, sched = prepare(x, timesteps, schedule, integer=True, name="dpmpp_2m")
+    # with Karras σ's the solver steps by σ, not by the (rounded, possibly repeated) timesteps the model sees
+    ts, sched = prepare(x, timesteps, schedule, integer=True, name="dpmpp_2m", distinct=not karras)
     n = ts.numel()
     if karras:
         expected = make_timesteps(n, "karras", schedule=sched)
@@ -50,6 +51,7 @@ def dpmpp_2m(
     else:
         sig = torch.cat([sigma_at(ts, sched), torch.zeros(1)])
     x0_prev = None
+    guard = FiniteGuard("dpmpp_2m", ts)
     for i, t in enumerate(ts):
         eps = call(model, x, t)
         alpha_s, sigma_s, lam_s = _vp(sig[i])
@@ -67,6 +69,8 @@ def dpmpp_2m(
                 d1 = (1.0 / r) * (x0 - x0_prev)
                 x = (sigma_t / sigma_s) * x - coef * x0 - 0.5 * coef * d1
         x0_prev = x0
+        guard.step(i, eps, x)
         if callback is not None:
             callback(i, float(t), x)
+    guard.done()
     return x

@@ -10,7 +10,7 @@ from typing import Literal
 
 import torch
 
-from ._common import Callback, Model, call, noise_like, prepare
+from ._common import Callback, FiniteGuard, Model, call, noise_like, prepare
 from .schedule import NoiseSchedule, sigma_at
 
 __all__ = ["euler", "euler_ancestral"]
@@ -49,13 +49,16 @@ def euler(
         raise ValueError(f"euler: prediction must be 'epsilon' or 'sample', got {prediction!r}")
     sig = _sigmas(ts, sched)
     x = x * _init_scale(sig, vp_init)
+    guard = FiniteGuard("euler", ts)
     for i, t in enumerate(ts):
         s, s_next = sig[i], sig[i + 1]
         out = call(model, x / ((s**2 + 1) ** 0.5), t)
         x0 = out if prediction == "sample" else x - s * out
         x = x0 if s_next == 0 else x + (x - x0) / s * (s_next - s)
+        guard.step(i, out, x)
         if callback is not None:
             callback(i, float(t), x)
+    guard.done()
     return x
 
 
@@ -78,13 +81,17 @@ def euler_ancestral(
     ts, sched = prepare(x, timesteps, schedule, integer=False, name="euler_ancestral")
     sig = _sigmas(ts, sched)
     x = x * _init_scale(sig, vp_init)
+    guard = FiniteGuard("euler_ancestral", ts)
     for i, t in enumerate(ts):
         s, s_next = sig[i], sig[i + 1]
-        x0 = x - s * call(model, x / ((s**2 + 1) ** 0.5), t)
+        eps = call(model, x / ((s**2 + 1) ** 0.5), t)
+        x0 = x - s * eps
         s_up = (s_next**2 * (s**2 - s_next**2) / s**2) ** 0.5
         s_down = (s_next**2 - s_up**2) ** 0.5
         z = noise_like(x, generator)
         x = x0 if s_next == 0 else x + (x - x0) / s * (s_down - s) + z * s_up
+        guard.step(i, eps, x)
         if callback is not None:
             callback(i, float(t), x)
+    guard.done()
     return x
