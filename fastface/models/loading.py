@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import pickle
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -23,6 +24,8 @@ from .file_kinds import identify
 logger = logging.getLogger(__name__)
 
 StateDict = dict[str, torch.Tensor]
+
+_REDOWNLOAD_HINT = "download it again"
 
 
 class WeightFormatError(ValueError):
@@ -108,12 +111,9 @@ def read_torch_bin(path: str | os.PathLike, *, check_finite: bool = True) -> dic
     return obj
 
 
-_REDOWNLOAD_HINT = "download it again"
-
-
 def _is_truncation(exc: BaseException) -> bool:
-    text = str(exc).lower()
-    return "truncated" in text or "ran out of input" in text or "eof" in text
+    """An unpickler error that means the data ends early (not a refused object)."""
+    return re.search(r"pickle data was truncated|ran out of input|unexpected eof|\beof\b", str(exc).lower()) is not None
 
 
 def check_finite_tensors(obj: object, source: str | os.PathLike) -> None:
