@@ -143,3 +143,35 @@ def test_bad_inputs():
         CLIPTokenizer(vocab, merges, max_length=1)
     with pytest.raises(ValueError, match="prompt must be a string"):
         CLIPTokenizer.bundled()([None])
+
+
+def test_long_prompt_is_one_short_line(folders, caplog):
+    """A 500-word prompt: one line naming the count and the first dropped words (it used to quote every dropped token)."""
+    tok = CLIPTokenizer.from_folder(folders[0])
+    words = [f"word{i}" for i in range(500)]
+    with caplog.at_level(logging.WARNING, logger="fastface.models.tokenizer"):
+        tok(" ".join(words))
+    (record,) = caplog.records
+    msg = record.getMessage()
+    n = len(tok.encode(" ".join(words)))
+    assert "\n" not in msg and len(msg) < 250, msg
+    assert msg.startswith(f"Prompt too long for CLIP: {n - 75} of its {n} tokens were cut (limit 75), the cut starts: ")
+    cut = tok.decode(tok.encode(" ".join(words))[75:]).split()
+    assert " ".join(cut[:8]) + " ..." in msg and "word499" not in msg
+
+
+def test_sdxl_conditioner_warns_once_for_both_tokenizers(folders, caplog):
+    import torch
+
+    from fastface.models.text import CLIPTextEncoder, SDXLTextConditioner
+
+    torch.manual_seed(0)
+    cond = SDXLTextConditioner(CLIPTokenizer.from_folder(folders[0]), CLIPTokenizer.from_folder(folders[1]),
+                               CLIPTextEncoder("tiny-clip-l"), CLIPTextEncoder("tiny-bigg"))
+    with caplog.at_level(logging.WARNING, logger="fastface.models.tokenizer"):
+        cond.encode("red " * 100)
+    assert len(caplog.records) == 1
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fastface.models.tokenizer"):  # a different bigG prompt: its own line
+        cond.encode("red " * 100, prompts_2="blue " * 90)
+    assert len(caplog.records) == 2 and "of its 90 tokens" in caplog.records[1].getMessage()

@@ -407,7 +407,8 @@ class SDXLTextConditioner:
         """Encode prompt lists; the first ``n_skip`` rows (negatives) ignore clip_skip, as diffusers does."""
         layer = -2 if clip_skip is None else -(clip_skip + 2)
         ids_1 = self.tokenizer_1(prompts_1).to(self.encoder_1.text_model.final_layer_norm.weight.device)
-        ids_2 = self.tokenizer_2(prompts_2).to(self.device)
+        # the two tokenizers share one vocabulary: a too-long prompt is reported once, not once per encoder
+        ids_2 = self.tokenizer_2(prompts_2, warn=prompts_2 != prompts_1).to(self.device)
         if layer == -2 or n_skip == 0:
             h1 = self.encoder_1(ids_1, hidden_layer=layer).hidden
             h2, pooled = self.encoder_2(ids_2, hidden_layer=layer, pooled=True)

@@ -265,8 +265,12 @@ class CLIPTokenizer:
                     ids.extend(self.bpe(piece))
         return ids
 
-    def __call__(self, prompts: str | Sequence[str]) -> torch.Tensor:
-        """Ids ``[B, max_length]`` (int64): ``[BOS] + ids + [EOS]``, truncated and padded with the pad id."""
+    def __call__(self, prompts: str | Sequence[str], *, warn: bool = True) -> torch.Tensor:
+        """Ids ``[B, max_length]`` (int64): ``[BOS] + ids + [EOS]``, truncated and padded with the pad id.
+
+        A prompt longer than the limit logs one line (with ``warn``): how many tokens were dropped and the first
+        dropped words.
+        """
         if isinstance(prompts, str):
             prompts = [prompts]
         room = self.max_length - 2
@@ -274,15 +278,21 @@ class CLIPTokenizer:
         for text in prompts:
             ids = self.encode(text)
             if len(ids) > room:
-                logger.warning(
-                    "Prompt is too long for CLIP: %d of its %d tokens were cut (the limit is %d tokens "
-                    "plus start/end); the cut part was: %r",
-                    len(ids) - room, len(ids), room, self.decode(ids[room:]),
-                )
+                if warn:
+                    logger.warning("%s", self.truncation_note(ids, room))
                 ids = ids[:room]
             row = [self.bos_id, *ids, self.eos_id]
             rows.append(row + [self.pad_id] * (self.max_length - len(row)))
         return torch.tensor(rows, dtype=torch.long).reshape(len(rows), self.max_length)
+
+    def truncation_note(self, ids: Sequence[int], room: int, words: int = 8) -> str:
+        """One line saying that ``ids`` lose their tokens past ``room``, quoting the first few dropped words."""
+        dropped = self.decode(ids[room : room + 4 * words]).split()
+        head = " ".join(dropped[:words]) + (" ..." if len(ids) - room > 4 * words or len(dropped) > words else "")
+        return (
+            f"Prompt too long for CLIP: {len(ids) - room} of its {len(ids)} tokens were cut (limit {room}), "
+            f"the cut starts: {head!r}"
+        )
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of ``ids`` (special tokens dropped); used for log messages."""
