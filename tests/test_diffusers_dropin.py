@@ -146,6 +146,35 @@ def test_dropin_equals_fastface_pipeline(pipes, identity, preset, method):
     assert evals == ref.unet_evaluations
 
 
+def test_empty_prompt_encoded_when_the_pipeline_does_not_zero_it(files, pipes, identity, tmp_path_factory):
+    """force_zeros_for_empty_prompt=False: DCG's null text is the encoded empty prompt, in both pipelines."""
+    import json
+
+    base = tmp_path_factory.mktemp("nozeros") / "base"
+    base.mkdir()
+    for part in (files / "base").iterdir():
+        (base / part.name).symlink_to(part)
+    index = json.loads((files / "base" / "model_index.json").read_text())
+    (base / "model_index.json").unlink()
+    (base / "model_index.json").write_text(json.dumps({**index, "force_zeros_for_empty_prompt": False}))
+    root = base.parent
+    for name in (LORA, ADAPTER, "image_encoder"):
+        (root / name).symlink_to(files / name)
+    pipe = _user_pipe(root, "lora", ADAPTER)
+    pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
+    assert not pipe.config.force_zeros_for_empty_prompt
+    lat, img, evals = run_diffusers(pipe, identity[0], "fastface-am1", "hyper", {})
+    from fastface.pipeline import Pipeline
+
+    ours = Pipeline.from_pretrained("hyper", "faceid-plusv2", base=base, weights=files / LORA,
+                                    adapter_file=files / ADAPTER, image_encoder=files / "image_encoder",
+                                    dtype="fp32", device="cpu")
+    ref = ours(PROMPT, face=identity[0], method="fastface-am1", seed=11, height=64, width=64, ip_scale=IP_SCALE)
+    assert rel(lat, ref.latents) <= TOL and float((img - ref.pixels).abs().max()) <= TOL and evals == 10
+    zeros, _, _ = run_diffusers(pipes("hyper")[0], identity[0], "fastface-am1", "hyper", {})
+    assert rel(lat, zeros) > 1e-4  # the null text matters: zeros give another image
+
+
 @pytest.mark.parametrize("method", ["baseline", "fastface-am1", "fastface-am2"])
 def test_faceid_dropin_equals_fastface_pipeline(pipes, identity, method):
     face, emb, _ = identity

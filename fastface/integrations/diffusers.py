@@ -48,7 +48,10 @@ from fastface.models.attention import HookPoint, merge_heads, split_heads
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DiffusersFastFace", "FastFaceIPAdapterProcessor", "SUPPORTED_ADAPTERS", "enable", "face_inputs"]
+__all__ = [
+    "DiffusersFastFace", "FastFaceIPAdapterProcessor", "SUPPORTED_ADAPTERS", "enable", "face_inputs", "null_identity",
+    "null_text",
+]
 
 ID_PATH = "added_cond_kwargs.image_embeds"
 # diffusers' projection class of each supported adapter -> fastface's adapter preset name
@@ -268,6 +271,17 @@ def face_inputs(
     return {"ip_adapter_image_embeds": [embeds]}
 
 
+@torch.no_grad()
+def null_text(pipe: Any) -> dict[str, torch.Tensor] | None:
+    """DCG's null text: None (zeros) when the pipeline zeroes an empty prompt (SDXL's ``force_zeros_for_empty_prompt``,
+    as diffusers' own CFG does), else the pipeline's encoding of the empty prompt."""
+    if getattr(pipe.config, "force_zeros_for_empty_prompt", True):
+        return None
+    context, _, pooled, _ = pipe.encode_prompt("", device=pipe._execution_device, num_images_per_prompt=1,
+                                               do_classifier_free_guidance=False)
+    return {"encoder_hidden_states": context, "added_cond_kwargs.text_embeds": pooled}
+
+
 class DiffusersFastFace:
     """The handle :func:`enable` returns: ``.remove()`` (also a context manager) restores the pipeline exactly.
 
@@ -453,7 +467,8 @@ def enable(
         wrapped = {n: FastFaceIPAdapterProcessor(p) for n, p in swapped.items()}
         unet.set_attn_processor({**procs, **wrapped})
     try:
-        h = fastface.attach(unet, dcg=dcg, am=am, null_id={ID_PATH: [null]}, spec=DIFFUSERS_UNET)
+        h = fastface.attach(unet, dcg=dcg, am=am, null_id={ID_PATH: [null]}, null_text=null_text(pipe),
+                            spec=DIFFUSERS_UNET)
     except Exception:
         if swapped is not None:
             unet.set_attn_processor({**dict(unet.attn_processors), **swapped})
