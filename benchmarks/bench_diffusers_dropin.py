@@ -31,6 +31,24 @@ from fastface.presets import METHOD_PRESETS, resolve_method
 from fastface.selfcheck import tiny_face
 
 
+@torch.no_grad()
+def dropin_generate(pipe, vision, face, method: str, steps: int, size: int, seed: int) -> tuple[torch.Tensor, int]:
+    """The user's pipe(...) call under enable(...); returns images in [0, 1] and UNet evaluations per image."""
+    device, dtype = pipe.unet.device, pipe.unet.dtype
+    n = vision.config.image_size
+    pixels = clip_preprocess(list(face.crops), size=n, crop_size=n).to(device, dtype)
+    clip = vision(pixels, output_hidden_states=True).hidden_states[-2].mean(0, keepdim=True)
+    null_clip = vision(torch.zeros_like(pixels[:1]), output_hidden_states=True).hidden_states[-2]
+    proj = pipe.unet.encoder_hid_proj.image_projection_layers[0]
+    proj.clip_embeds, proj.shortcut, proj.shortcut_scale = clip[:, None], True, 1.0
+    emb = torch.from_numpy(np.array(face.embedding, dtype=np.float32)).to(device, dtype).reshape(1, 1, 512)
+    with enable(pipe, method, preset="hyper", null_clip_embeds=null_clip) as h:
+        images = pipe(PROMPT, ip_adapter_image_embeds=[emb], num_inference_steps=steps, guidance_scale=0.0,
+                      height=size, width=size, generator=torch.Generator("cpu").manual_seed(seed),
+                      output_type="pt").images
+        return images.float().cpu(), h.branch_evaluations
+
+
 def _logged(fn, device: str, log: list[float]):
     """``fn`` that appends its own seconds (synchronised) to ``log``: bench_pipeline's ``_time`` alternates the
     runs and reports medians only; the log gives min and median."""
