@@ -17,7 +17,7 @@ The pipeline keeps everything the user set up: the IP-Adapter FaceID / FaceID-Pl
 
 ``handle.remove()`` (or leaving ``with enable(...)``) restores the original processors and removes every hook:
 the pipeline's outputs are then bit-identical to before. diffusers is imported here only, never by
-``import fastface``. Supported: diffusers 0.31 to 0.42 (see docs/embedding.md).
+``import fastface``. Tested on diffusers 0.31.0 to 0.42.1 (:data:`TESTED_DIFFUSERS`).
 """
 
 from __future__ import annotations
@@ -49,10 +49,13 @@ from fastface.models.attention import HookPoint, merge_heads, split_heads
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "DiffusersFastFace", "FastFaceIPAdapterProcessor", "SUPPORTED_ADAPTERS", "enable", "face_inputs", "null_identity",
-    "null_text",
+    "DiffusersFastFace", "FastFaceIPAdapterProcessor", "SUPPORTED_ADAPTERS", "TESTED_DIFFUSERS", "enable", "face_inputs",
+    "null_identity", "null_text", "version_tested",
 ]
 
+# The diffusers releases the drop-in's parity tests passed on: the newest in CI, the official FastFace pin by
+# benchmarks/check_diffusers_version.py. enable() logs a warning outside this range.
+TESTED_DIFFUSERS = ("0.31.0", "0.42.1")
 ID_PATH = "added_cond_kwargs.image_embeds"
 # diffusers' projection class of each supported adapter -> fastface's adapter preset name
 SUPPORTED_ADAPTERS = {
@@ -152,6 +155,25 @@ class FastFaceIPAdapterProcessor(IPAdapterAttnProcessor2_0):
         if attn.residual_connection:
             out = out + residual
         return out / attn.rescale_output_factor
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """(major, minor, patch) of a version string ("0.43.0.dev0" -> (0, 43, 0))."""
+    parts = []
+    for p in version.split(".")[:3]:
+        digits = "".join(ch for ch in p if ch.isdigit()) if p[:1].isdigit() else ""
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts)
+
+
+def version_tested(version: str | None = None) -> bool:
+    """Whether a diffusers version (default the installed one) lies in :data:`TESTED_DIFFUSERS`."""
+    import diffusers
+
+    v = _release(version or diffusers.__version__)
+    return _release(TESTED_DIFFUSERS[0]) <= v <= _release(TESTED_DIFFUSERS[1])
 
 
 def _projection(pipe: Any) -> nn.Module:
@@ -456,6 +478,11 @@ def enable(
         raise ValueError("FastFace is already enabled on this pipeline: call handle.remove() first (or use "
                          "`with enable(...)`)")
     dcg, am = resolve_method(method, preset, adapter=SUPPORTED_ADAPTERS[type(proj)], **method_options)
+    if not version_tested():
+        import diffusers
+
+        logger.warning("diffusers %s is outside the releases the drop-in was tested on (%s to %s)",
+                       diffusers.__version__, *TESTED_DIFFUSERS)
     null = null_identity(pipe, null_clip_embeds)
     swapped = None
     if am is not None:
