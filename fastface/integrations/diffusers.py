@@ -311,11 +311,10 @@ class DiffusersFastFace:
     UNet calls; ``fastface`` is the underlying :class:`fastface.FastFace` handle.
     """
 
-    def __init__(self, pipe: Any, fastface_handle: FastFace, dcg: Any, am: Any, null: Any,
+    def __init__(self, pipe: Any, fastface_handle: FastFace, dcg: Any, am: Any,
                  swapped: dict[str, nn.Module] | None) -> None:
         self.pipe, self.unet, self.fastface = pipe, pipe.unet, fastface_handle
         self.dcg, self.am = dcg, am
-        self._null = null
         self._originals = swapped
         self._schedule: torch.Tensor | None = None
         self._host_ts: torch.Tensor | None = None
@@ -400,17 +399,22 @@ class DiffusersFastFace:
         added["image_embeds"] = [e]
         arguments["added_cond_kwargs"] = added
         t = arguments.get("timestep")
-        if isinstance(t, torch.Tensor) and t.device.type != "cpu" and "step" not in kwargs:
-            # one host read of the timestep per call, so unused guidance branches are skipped as on the CPU path
-            tv = float(t.reshape(-1)[0])
-            kwargs_step = int((self._host_ts - tv).abs().argmin())
-        else:
-            kwargs_step = None
         new = inspect.BoundArguments(self._signature, arguments)  # type: ignore[arg-type]
         new_kwargs = dict(new.kwargs)
-        if kwargs_step is not None:
-            new_kwargs["step"] = kwargs_step  # taken (and checked) by the FastFace pre-hook that runs next
+        t = arguments.get("timestep")
+        if isinstance(t, torch.Tensor) and t.device.type != "cpu" and "step" not in kwargs:
+            # one host read of the timestep per call, so unused guidance branches are skipped as on the CPU path;
+            # the step keyword is taken (and range-checked) by the FastFace pre-hook that runs next
+            new_kwargs["step"] = self._host_step(float(t.reshape(-1)[0]))
         return new.args, new_kwargs
+
+    def _host_step(self, tv: float) -> int:
+        """The position of timestep ``tv`` in the scheduler's schedule."""
+        dist = (self._host_ts - tv).abs()
+        i = int(dist.argmin())
+        if float(dist[i]) > 1e-3 * max(1.0, abs(tv)):
+            raise ValueError(f"timestep {tv} is not in the scheduler's timesteps {self._host_ts.tolist()}")
+        return i
 
     def _unpack(self, module: nn.Module, args: tuple) -> tuple | None:
         embeds = args[0]
@@ -418,7 +422,8 @@ class DiffusersFastFace:
             return None
         proj = module.image_projection_layers[0]
         ids, clip = embeds[0]
-        self._saved_clip = proj.clip_embeds
+        if self._saved_clip is None:  # (after a failed call the user's features are still the saved ones)
+            self._saved_clip = proj.clip_embeds
         proj.clip_embeds = clip
         return ([ids],)
 
@@ -500,7 +505,7 @@ def enable(
         if swapped is not None:
             unet.set_attn_processor({**dict(unet.attn_processors), **swapped})
         raise
-    handle = DiffusersFastFace(pipe, h, dcg, am, null, swapped)
+    handle = DiffusersFastFace(pipe, h, dcg, am, swapped)
     _ENABLED[unet] = handle
     logger.debug("FastFace %s enabled on %s (%s)", method, type(pipe).__name__, type(proj).__name__)
     return handle
