@@ -253,6 +253,21 @@ def test_clear_errors(files, pipes, identity):
     with enable(pipe, "fastface-am1"), pytest.raises(ValueError, match="guidance_scale=0"):
         pipe(PROMPT, ip_adapter_image_embeds=[torch.cat([torch.zeros_like(emb), emb])], num_inference_steps=4,
              guidance_scale=5.0, height=64, width=64)
+    with enable(pipe, "fastface-am1"), pytest.raises(ValueError, match="ip_adapter_image_embeds"):
+        pipe(PROMPT, num_inference_steps=4, guidance_scale=0.0, height=64, width=64)
+    heun = diffusers.HeunDiscreteScheduler.from_config(pipe.scheduler.config)
+    ddim, pipe.scheduler = pipe.scheduler, heun
+    try:
+        with enable(pipe, "dcg"), pytest.raises(ValueError, match="one evaluation per step"):
+            pipe(PROMPT, **kwargs, num_inference_steps=2, guidance_scale=0.0, height=64, width=64)
+    finally:
+        pipe.scheduler = ddim
+    # pipe.set_ip_adapter_scale reaches the wrapped processors' originals
+    originals = [p for p in pipe.unet.attn_processors.values() if hasattr(p, "to_k_ip")]
+    with enable(pipe, "am1"):
+        pipe.set_ip_adapter_scale(0.5)
+    assert all(p.scale == [0.5] for p in originals) and len(originals) == 70
+    pipe.set_ip_adapter_scale(IP_SCALE)
     # Plus-v2 without an image encoder needs the null CLIP features given
     from types import SimpleNamespace
 
