@@ -47,8 +47,9 @@ def _faceid_file(root: Path, unet_dim: int, seed: int = 7) -> Path:
     from safetensors.torch import save_file
 
     from fastface.adapters.faceid import FaceIDProjConfig, build_projection
+    from fastface.adapters.faceid_adapter import _ip_adapter_weights as _ip_adapter
     from fastface.models.unet import UNet, get_unet_config
-    from fastface.selfcheck import _ip_adapter, _perturb
+    from fastface.tiny import perturb as _perturb
 
     gen = torch.Generator().manual_seed(seed)
     with torch.device("meta"):
@@ -68,7 +69,8 @@ def generate_all() -> Iterator[tuple[str, torch.Tensor, torch.Tensor, float, dic
     """(run name, latents, pixels, UNet evaluations per image, settings) of every fixture run."""
     from fastface.models.unet import get_unet_config
     from fastface.pipeline import Pipeline
-    from fastface.selfcheck import tiny_face, tiny_pulid_identity, write_tiny_weights
+    from fastface.adapters.pulid_adapter import tiny_pulid_identity
+    from fastface.selfcheck import tiny_face, write_tiny_weights
 
     with tempfile.TemporaryDirectory(prefix="fastface-fixture-") as tmp:
         w = write_tiny_weights(Path(tmp) / "w")
