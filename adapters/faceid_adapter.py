@@ -283,5 +283,5 @@ def write_tiny_faceid(root: Path, unet: nn.Module, gen: torch.Generator, seed: i
     files = {"adapter": adapter, "adapter_bin": adapter_bin, "image_encoder": encoder_dir}
     methods = ("baseline", "dcg", "am1", "am2", "fastface-am1", "fastface-am2")
     return [TinyAdapter("faceid-plusv2", {"adapter_file": adapter, "image_encoder": encoder_dir}, tiny_face(),
-                        methods, files)]
+                        methods, files, tiny_face)]
 

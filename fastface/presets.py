@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import logging
-import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass

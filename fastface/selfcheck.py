@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from fastface.adapters.registry import entries
 from fastface.models.text import CLIPTextConfig, CLIPTextEncoder

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,13 +19,19 @@ __all__ = ["TinyAdapter", "perturb", "save_safetensors", "write_json"]
 class TinyAdapter:
     """What an adapter's tiny writer made for one of its presets: ``name`` (the preset), ``load`` (keyword
     arguments of ``Pipeline.from_pretrained``: ``adapter_file`` and load options), ``face`` (a face input),
-    ``methods`` (the selfcheck runs), ``files`` (named files, exposed as attributes of the tiny weights)."""
+    ``methods`` (the selfcheck runs), ``files`` (named files, exposed as attributes of the tiny weights),
+    ``faces`` (optional: a face input per seed, for runs over several identities)."""
 
     name: str
     load: dict[str, Any]
     face: Any
     methods: tuple[str, ...] = ("baseline", "fastface-am1")
     files: dict[str, Path] = field(default_factory=dict)
+    faces: Callable[[int], Any] | None = None
+
+    def face_for(self, seed: int) -> Any:
+        """A face input for identity ``seed`` (the fixed ``face`` when the writer gave no ``faces``)."""
+        return self.face if self.faces is None else self.faces(seed)
 
 
 def perturb(module: nn.Module, gen: torch.Generator, std: float = 0.05) -> nn.Module:

@@ -193,7 +193,7 @@ def test_face_pack_is_downloaded_only_when_allowed(tmp_path, monkeypatch):
     from insightface.utils import storage
 
     from fastface.models.loading import WeightFormatError
-    from fastface.pipeline import open_face_analyzer
+    from fastface.face_files import open_face_analyzer
 
     calls = []
 
