@@ -13,6 +13,26 @@ defaults), registered by name (:func:`fastface.adapters.registry.register`). The
   validates them (:meth:`IdentityAdapter.resolve_options`) and applies them for one call
   (:meth:`IdentityAdapter.configure`);
 * says what it records in the PNG metadata (:meth:`IdentityAdapter.describe`, :meth:`IdentityAdapter.metadata`).
+
+An adapter in one file (tests/test_toy_adapter.py is a complete one)::
+
+    @dataclass(frozen=True)
+    class MyPreset(AdapterPreset):
+        gain: float = 1.0                                       # defaults live in the preset
+
+    class MyAdapter(IdentityAdapter):
+        family, preset_type = "Mine", MyPreset
+        options = (AdapterOption("gain", "multiplies the tokens", float, "gain"),)   # CLI: --gain, --adapter-option
+
+        @classmethod
+        def load(cls, preset, files, *, dtype, device, faces): ...        # files["adapter"]: the resolved file
+        @classmethod
+        def face_preparer(cls, preset, faces): ...                        # a FacePreparer: prepare(face), save()
+        def install(self, unet, *, fuse=True): ...                        # InstallHandle(self, [(attn, branch, {})])
+        def tokens(self, identity, options, dtype): ...                   # (tokens [1, K, C], null id [1, K', C])
+        def describe(self, identity): ...                                  # the PNG's "face" entry
+
+    register(MyPreset(name="mine", description="...", weights="mine.safetensors"), MyAdapter)
 """
 
 from __future__ import annotations
