@@ -132,7 +132,7 @@ def _add_adapter_options(p: argparse.ArgumentParser) -> None:
         elif o.choices:
             g.add_argument(flag, dest=_dest(flag), choices=o.choices, help=text)
         else:
-            g.add_argument(flag, dest=_dest(flag), type=o.kind, help=text)
+            g.add_argument(flag, dest=_dest(flag), type=o.kind, metavar="VALUE", help=text)
 
 
 def build_parser() -> argparse.ArgumentParser:
