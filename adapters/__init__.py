@@ -1,4 +1,5 @@
-"""Identity adapters (installed as ``fastface.adapters``): IP-Adapter FaceID, FaceID-Plus-v2, PuLID, face analysis.
+"""Identity adapters (installed as ``fastface.adapters``): the contract (``base``), the registry, IP-Adapter FaceID,
+FaceID-Plus-v2, PuLID, face analysis.
 
 Names are imported lazily: ``fastface.adapters.FaceAnalyzer`` loads insightface only when first used.
 """
@@ -19,6 +20,13 @@ _EXPORTS = {
     "PuLID": "fastface.adapters.pulid",
     "PuLIDHandle": "fastface.adapters.pulid",
     "PuLIDFacePreprocessor": "fastface.adapters.pulid_faces",
+    "IdentityAdapter": "fastface.adapters.base",
+    "AdapterPreset": "fastface.adapters.base",
+    "AdapterOption": "fastface.adapters.base",
+    "FacePreparer": "fastface.adapters.base",
+    "InstallHandle": "fastface.adapters.base",
+    "register": "fastface.adapters.registry",
+    "get_entry": "fastface.adapters.registry",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -45,13 +45,6 @@ FACEID_PROJ_CONFIGS: dict[str, FaceIDProjConfig] = {
 }
 
 
-def get_faceid_proj_config(name: str) -> FaceIDProjConfig:
-    """The named projection config (``faceid_sdxl``, ``faceid_plus_sdxl``, ``faceid_tiny``, ``faceid_plus_tiny``)."""
-    if name not in FACEID_PROJ_CONFIGS:
-        raise ValueError(f"unknown FaceID projection config '{name}'; known: {sorted(FACEID_PROJ_CONFIGS)}")
-    return FACEID_PROJ_CONFIGS[name]
-
-
 class MLPProjModel(nn.Module):
     """FaceID projection: ``LN(reshape(Linear(GELU(Linear(e)))))``: a 512-d face embedding -> T tokens of width C."""
 
@@ -102,7 +95,8 @@ class PerceiverAttention(nn.Module):
         return self.to_out(out)
 
 
-def _feed_forward(dim: int, mult: int) -> nn.Sequential:
+def feed_forward(dim: int, mult: int) -> nn.Sequential:
+    """LayerNorm, bias-free Linear x mult, exact GELU, bias-free Linear (the perceivers' feed-forward)."""
     # Keys .0 (LN), .1 (Linear), .3 (Linear): the GELU at .2 has no weights.
     return nn.Sequential(
         nn.LayerNorm(dim),
@@ -120,7 +114,7 @@ class FacePerceiverResampler(nn.Module):
         dim = config.context_dim
         self.proj_in = nn.Linear(config.clip_dim, dim)
         self.layers = nn.ModuleList(
-            nn.ModuleList([PerceiverAttention(dim, config.head_dim, config.heads), _feed_forward(dim, config.ff_mult)])
+            nn.ModuleList([PerceiverAttention(dim, config.head_dim, config.heads), feed_forward(dim, config.ff_mult)])
             for _ in range(config.depth)
         )
         self.proj_out = nn.Linear(dim, config.context_dim)

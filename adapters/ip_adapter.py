@@ -31,6 +31,7 @@ from fastface.models.attention import IdentityAttention
 from fastface.models.loading import WeightFormatError, assign_state_dict, read_weights
 from fastface.models.lora import LoRALinear
 
+from .base import InstallHandle, attention_layers_for, tensor_shape
 from .faceid import FaceIDProjConfig, MLPProjModel, ProjPlusModel, build_projection
 
 logger = logging.getLogger(__name__)
@@ -111,22 +112,14 @@ def detect_variant(image_proj: Mapping[str, torch.Tensor], source: str) -> Varia
     )
 
 
-def _shape(sd: Mapping[str, torch.Tensor], key: str, ndim: int, source: str, part: str) -> tuple[int, ...]:
-    if key not in sd:
-        raise WeightFormatError(f"{source}: '{part}' lacks the key '{key}'; the file is incomplete or not this adapter")
-    shape = tuple(sd[key].shape)
-    if len(shape) != ndim:
-        raise WeightFormatError(f"{source}: '{part}.{key}' has shape {shape}, expected a {ndim}-d tensor")
-    return shape
-
-
 def proj_config_from_state_dict(
     image_proj: Mapping[str, torch.Tensor], variant: Variant, source: str
 ) -> FaceIDProjConfig:
     """The projection config whose shapes the file's ``image_proj`` tensors have (checked again on assignment)."""
-    hidden, id_dim = _shape(image_proj, "proj.0.weight", 2, source, "image_proj")
-    out_dim, hidden2 = _shape(image_proj, "proj.2.weight", 2, source, "image_proj")
-    (context_dim,) = _shape(image_proj, "norm.weight", 1, source, "image_proj")
+    where = f"{source}: 'image_proj'"
+    hidden, id_dim = tensor_shape(image_proj, "proj.0.weight", 2, where)
+    out_dim, hidden2 = tensor_shape(image_proj, "proj.2.weight", 2, where)
+    (context_dim,) = tensor_shape(image_proj, "norm.weight", 1, where)
     if hidden2 != hidden or out_dim % context_dim:
         raise WeightFormatError(
             f"{source}: inconsistent FaceID projection shapes: proj.0 {(hidden, id_dim)}, proj.2 {(out_dim, hidden2)}, "
@@ -135,9 +128,9 @@ def proj_config_from_state_dict(
     cfg = dict(id_dim=id_dim, id_hidden_dim=hidden, context_dim=context_dim, num_tokens=out_dim // context_dim)
     if variant == "faceid_plus":
         p = "perceiver_resampler."
-        dim, clip_dim = _shape(image_proj, p + "proj_in.weight", 2, source, "image_proj")
-        q_out, _ = _shape(image_proj, p + "layers.0.0.to_q.weight", 2, source, "image_proj")
-        ff_inner, _ = _shape(image_proj, p + "layers.0.1.1.weight", 2, source, "image_proj")
+        dim, clip_dim = tensor_shape(image_proj, p + "proj_in.weight", 2, where)
+        q_out, _ = tensor_shape(image_proj, p + "layers.0.0.to_q.weight", 2, where)
+        ff_inner, _ = tensor_shape(image_proj, p + "layers.0.1.1.weight", 2, where)
         depth = len({k.split(".")[2] for k in image_proj if k.startswith(p + "layers.")})
         head_dim = 64  # fixed in the reference (heads = dim // 64)
         if dim != context_dim or q_out != dim or dim % head_dim or ff_inner % dim:
@@ -208,23 +201,6 @@ def check_ip_adapter_layers(
 # ----------------------------------------------------------------------------------------------------------------
 # The adapter
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def free_attention_layers(unet: nn.Module, num_layers: int, source: object) -> list[tuple[str, nn.Module]]:
-    """The UNet's attention layers in checkpoint order, checked to match an adapter and to hold no identity branch."""
-    layers = list(unet.attention_layers())
-    if len(layers) != num_layers:
-        raise WeightFormatError(
-            f"{source}: the adapter has {num_layers} attention layers but the UNet has {len(layers)}; "
-            "the adapter is for a different base model (SDXL has 140, SD1.5 has 32)"
-        )
-    taken = [name for name, attn in layers if getattr(attn, "ip", None) is not None]
-    if taken:
-        raise ValueError(
-            f"'{taken[0]}' (and {len(taken) - 1} more) already has an identity branch installed; remove the "
-            "other adapter first (handle.remove())"
-        )
-    return layers
 
 
 class IPAdapterFaceID:
@@ -377,23 +353,17 @@ class IPAdapterFaceID:
         Returns a handle whose ``remove()`` (or context exit) restores the original modules exactly. Weights are
         cast to the UNet's dtype/device. Everything is checked before the UNet is touched.
         """
-        layers = free_attention_layers(unet, self.num_layers, self.source)
+        layers = attention_layers_for(unet, self.num_layers, self.source)
         use_lora = lora and self.has_lora
         if lora and not self.has_lora:
             logger.info("%s: the file has no LoRA; installing the identity branch only", self.source)
-        plan = [self._plan_layer(i, name, attn, use_lora) for i, (name, attn) in enumerate(layers)]
+        plan = [self._plan_layer(i, name, attn, use_lora) for i, name, attn in layers]
         return IPAdapterHandle(self, plan, lora_scale=lora_scale)
 
     def _plan_layer(self, i: int, name: str, attn: nn.Module, use_lora: bool) -> tuple:
         """Check layer ``i`` against the file and build (not yet install) its new modules."""
         w = self.ip_adapter
         is_cross = i % 2 == 1
-        if name.endswith("attn1" if is_cross else "attn2"):
-            raise WeightFormatError(
-                f"{self.source}: layer {i} of the UNet is '{name}', but the adapter expects a "
-                f"{'cross' if is_cross else 'self'}-attention layer there; the UNet's layer order is not the "
-                "checkpoint order (down_blocks, up_blocks, mid_block; attn1 then attn2)"
-            )
         ref = attn.to_q.weight if isinstance(attn.to_q, nn.Linear) else next(attn.to_q.parameters())
         dtype, device = ref.dtype, ref.device
         ip = None
@@ -429,37 +399,23 @@ class IPAdapterFaceID:
                     )
                 lora_module = LoRALinear.from_weights(base, down, up).requires_grad_(False)
                 loras["to_out.0" if slot == "to_out" else slot] = lora_module
-        return name, attn, ip, loras
+        return attn, ip, loras
 
 
-class IPAdapterHandle:
+class IPAdapterHandle(InstallHandle):
     """An installed adapter: ``set_lora_scale``, ``fuse_lora``/``unfuse_lora``, and ``remove()`` (exact restore)."""
 
     def __init__(self, adapter: IPAdapterFaceID, plan: list[tuple], *, lora_scale: float = 1.0) -> None:
-        self.adapter = adapter
-        self._installed: list[tuple[nn.Module, nn.Module | None, dict[str, tuple[nn.Module, nn.Module]]]] = []
-        for _name, attn, ip, loras in plan:
-            swapped = {}
-            for slot, new in loras.items():
-                old = _get_slot(attn, slot)
-                _set_slot(attn, slot, new)
-                swapped[slot] = (old, new)
-            if ip is not None:
-                attn.ip = ip
-            self._installed.append((attn, ip, swapped))
+        super().__init__(adapter, plan)
         self.set_lora_scale(lora_scale)
 
     @property
     def lora_modules(self) -> list[LoRALinear]:
-        return [new for _, _, swapped in self._installed for _, new in swapped.values()]
-
-    @property
-    def installed(self) -> bool:
-        return bool(self._installed)
+        return self.swapped
 
     def set_lora_scale(self, scale: float) -> None:
         """Set the strength of the adapter's LoRA on all layers (in place, no reload)."""
-        if self._installed and not self.lora_modules and scale != 1.0:
+        if self.installed and not self.lora_modules and scale != 1.0:
             logger.warning("%s: set_lora_scale has no effect: no LoRA installed", self.adapter.source)
         for m in self.lora_modules:
             m.set_scale(scale)
@@ -473,38 +429,3 @@ class IPAdapterHandle:
         """Back to the exact unfused LoRA computation."""
         for m in self.lora_modules:
             m.unfuse()
-
-    def remove(self) -> None:
-        """Put the original modules back (bit-identical outputs); safe to call twice."""
-        for attn, ip, swapped in reversed(self._installed):
-            for slot, (old, new) in swapped.items():
-                if _get_slot(attn, slot) is not new:
-                    raise RuntimeError(
-                        f"cannot remove the adapter: '{slot}' of an attention layer was replaced after installation; "
-                        "remove adapters in the reverse order of installation"
-                    )
-            if ip is not None and attn.ip is not ip:
-                raise RuntimeError("cannot remove the adapter: the identity branch was replaced after installation")
-        for attn, ip, swapped in reversed(self._installed):
-            for slot, (old, _new) in swapped.items():
-                _set_slot(attn, slot, old)
-            if ip is not None:
-                attn.ip = None
-        self._installed = []
-
-    def __enter__(self) -> IPAdapterHandle:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.remove()
-
-
-def _get_slot(attn: nn.Module, slot: str) -> nn.Module:
-    return attn.to_out[0] if slot == "to_out.0" else getattr(attn, slot)
-
-
-def _set_slot(attn: nn.Module, slot: str, module: nn.Module) -> None:
-    if slot == "to_out.0":
-        attn.to_out[0] = module
-    else:
-        setattr(attn, slot, module)

@@ -56,8 +56,8 @@ from torch import nn
 from fastface.models.attention import IdentityAttention, split_heads
 from fastface.models.loading import WeightFormatError, assign_state_dict, read_weights
 
-from .faceid import PerceiverAttention
-from .ip_adapter import free_attention_layers
+from .base import InstallHandle, attention_layers_for, tensor_shape
+from .faceid import PerceiverAttention, feed_forward
 
 logger = logging.getLogger(__name__)
 
@@ -216,7 +216,7 @@ class IDFormer(nn.Module):
         self.latents = nn.Parameter(torch.randn(1, c.num_queries, c.dim) * c.dim**-0.5)
         self.proj_out = nn.Parameter(torch.randn(c.dim, c.context_dim) * c.dim**-0.5)  # used as latents @ proj_out
         self.layers = nn.ModuleList(
-            nn.ModuleList([PerceiverAttention(c.dim, c.dim_head, c.heads), _feed_forward(c.dim, c.ff_mult)])
+            nn.ModuleList([PerceiverAttention(c.dim, c.dim_head, c.heads), feed_forward(c.dim, c.ff_mult)])
             for _ in range(c.depth)
         )
         for j in range(c.num_vit_layers):
@@ -237,12 +237,6 @@ class IDFormer(nn.Module):
                 latents = attn(ctx, latents) + latents
                 latents = ff(latents) + latents
         return latents[:, : c.num_queries] @ self.proj_out
-
-
-def _feed_forward(dim: int, mult: int) -> nn.Sequential:
-    # keys .0 (LN), .1 and .3 (bias-free Linear); exact GELU
-    return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim * mult, bias=False), nn.GELU(),
-                         nn.Linear(dim * mult, dim, bias=False))  # fmt: skip
 
 
 def build_encoder(config: PuLIDEncoderConfig) -> IDEncoder | IDFormer:
@@ -394,38 +388,30 @@ def detect_version(id_adapter: Mapping[str, torch.Tensor], source: str) -> Versi
     )
 
 
-def _shape(sd: Mapping[str, torch.Tensor], key: str, ndim: int, source: str) -> tuple[int, ...]:
-    if key not in sd:
-        raise WeightFormatError(f"{source}: 'id_adapter.{key}' is missing; the file is incomplete or not PuLID")
-    shape = tuple(sd[key].shape)
-    if len(shape) != ndim:
-        raise WeightFormatError(f"{source}: 'id_adapter.{key}' has shape {shape}, expected a {ndim}-d tensor")
-    return shape
-
-
 def config_from_state_dict(id_adapter: Mapping[str, torch.Tensor], source: str) -> PuLIDEncoderConfig:
     """The encoder config whose shapes the file has (every tensor is checked again on assignment)."""
     version = detect_version(id_adapter, source)
+    where = f"{source}: 'id_adapter'"
     n_vit = len({k.split(".")[0] for k in id_adapter if re.match(r"mapping_\d+\.", k)})
-    hidden, vit_dim = _shape(id_adapter, "mapping_0.0.weight", 2, source)
-    out_w, _ = _shape(id_adapter, "mapping_0.6.weight", 2, source)
+    hidden, vit_dim = tensor_shape(id_adapter, "mapping_0.0.weight", 2, where)
+    out_w, _ = tensor_shape(id_adapter, "mapping_0.6.weight", 2, where)
     try:
         if version == "v1":
-            h1, id_dim = _shape(id_adapter, "body.0.weight", 2, source)
-            h2, _ = _shape(id_adapter, "body.3.weight", 2, source)
-            body_out, _ = _shape(id_adapter, "body.6.weight", 2, source)
+            h1, id_dim = tensor_shape(id_adapter, "body.0.weight", 2, where)
+            h2, _ = tensor_shape(id_adapter, "body.3.weight", 2, where)
+            body_out, _ = tensor_shape(id_adapter, "body.6.weight", 2, where)
             if body_out % out_w:
                 raise ValueError(f"body output {body_out} is not a multiple of the token width {out_w}")
             return PuLIDEncoderConfig(
                 version="v1", id_dim=id_dim, vit_dim=vit_dim, hidden=hidden, context_dim=out_w,
                 num_id_tokens=body_out // out_w, num_vit_layers=n_vit, body_hidden=(h1, h2),
             )  # fmt: skip
-        _, q, dim = _shape(id_adapter, "latents", 3, source)
-        _, context_dim = _shape(id_adapter, "proj_out", 2, source)
-        _, id_dim = _shape(id_adapter, "id_embedding_mapping.0.weight", 2, source)
-        id_out, _ = _shape(id_adapter, "id_embedding_mapping.6.weight", 2, source)
-        inner, _ = _shape(id_adapter, "layers.0.0.to_q.weight", 2, source)
-        ff, _ = _shape(id_adapter, "layers.0.1.1.weight", 2, source)
+        _, q, dim = tensor_shape(id_adapter, "latents", 3, where)
+        _, context_dim = tensor_shape(id_adapter, "proj_out", 2, where)
+        _, id_dim = tensor_shape(id_adapter, "id_embedding_mapping.0.weight", 2, where)
+        id_out, _ = tensor_shape(id_adapter, "id_embedding_mapping.6.weight", 2, where)
+        inner, _ = tensor_shape(id_adapter, "layers.0.0.to_q.weight", 2, where)
+        ff, _ = tensor_shape(id_adapter, "layers.0.1.1.weight", 2, where)
         depth = len({k.split(".")[1] for k in id_adapter if k.startswith("layers.")})
         dim_head = 64  # fixed by upstream's IDFormer
         if id_out % dim or inner % dim_head or ff % dim:
@@ -607,15 +593,8 @@ class PuLID:
         Everything is checked before the UNet is touched.
         """
         m = _resolve_mode(mode, self.version, num_zero, projection)
-        layers = free_attention_layers(unet, self.num_layers, self.source)
         plan = []
-        for i, (name, attn) in enumerate(layers):
-            if name.endswith("attn1" if i % 2 else "attn2"):
-                raise WeightFormatError(
-                    f"{self.source}: layer {i} of the UNet is '{name}', but PuLID expects a "
-                    f"{'cross' if i % 2 else 'self'}-attention layer there; the UNet's layer order is not the "
-                    "checkpoint order (down_blocks, up_blocks, mid_block; attn1 then attn2)"
-                )
+        for i, name, attn in attention_layers_for(unet, self.num_layers, self.source, "PuLID"):
             if i % 2 == 0:
                 continue
             inner, ctx = attn.to_k.out_features, attn.to_k.in_features
@@ -632,28 +611,20 @@ class PuLID:
                 ip, {"to_k_ip.weight": wk, "to_v_ip.weight": wv}, source=f"{self.source} [attn {i}]",
                 dtype=kv_dtype or ref.dtype, device=ref.device,
             )  # fmt: skip
-            plan.append((attn, ip.requires_grad_(False)))
+            plan.append((attn, ip.requires_grad_(False), {}))
         return PuLIDHandle(self, plan, m)
 
 
-class PuLIDHandle:
+class PuLIDHandle(InstallHandle):
     """An installed PuLID: ``set_mode`` (num_zero / projection, no reload), ``remove()`` (exact restore)."""
 
-    def __init__(self, adapter: PuLID, plan: list[tuple[nn.Module, PuLIDAttention]], mode: PuLIDMode) -> None:
-        self.adapter = adapter
+    def __init__(self, adapter: PuLID, plan: list[tuple], mode: PuLIDMode) -> None:
+        super().__init__(adapter, plan)
         self.mode = mode
-        self._installed = []
-        for attn, ip in plan:
-            attn.ip = ip
-            self._installed.append((attn, ip))
 
     @property
     def layers(self) -> list[PuLIDAttention]:
-        return [ip for _, ip in self._installed]
-
-    @property
-    def installed(self) -> bool:
-        return bool(self._installed)
+        return self.branches
 
     def set_mode(
         self, mode: str | PuLIDMode | None = None, *, num_zero: int | None = None, projection: Projection | None = None
@@ -663,18 +634,3 @@ class PuLIDHandle:
         for ip in self.layers:
             ip.set_mode(m)
         self.mode = m
-
-    def remove(self) -> None:
-        """Put the UNet back as it was (bit-identical outputs); safe to call twice."""
-        for attn, ip in self._installed:
-            if attn.ip is not ip:
-                raise RuntimeError("cannot remove PuLID: an identity branch was replaced after installation")
-        for attn, _ in self._installed:
-            attn.ip = None
-        self._installed = []
-
-    def __enter__(self) -> PuLIDHandle:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.remove()

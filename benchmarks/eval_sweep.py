@@ -65,14 +65,14 @@ def make_configs(presets: Sequence[str], adapters: Sequence[str], methods: Seque
                  ip_scales: Sequence[float], lora_scales: Sequence[float | None] = (None,),
                  steps: int | None = None, check: bool = True) -> list[Config]:
     """The product of the settings, validated against fastface's presets (``check``), in model-load order."""
-    from fastface.presets import METHOD_PRESETS, get_adapter_preset, get_model_preset
+    from fastface.presets import METHOD_PRESETS, get_model_preset
 
     out = []
     for preset in presets:
         n = steps if steps is not None else (get_model_preset(preset).default_steps if check else 4)
         for adapter in adapters:
-            default_lora = get_adapter_preset(adapter).lora_scale if check else 1.0
-            for lora in lora_scales:
+            default_lora = adapter_lora_scale(adapter) if check else 1.0
+            for lora in (lora_scales if default_lora is not None else [0.0]):  # no LoRA option: recorded as 0
                 for method in methods:
                     if check and method not in METHOD_PRESETS:
                         raise ValueError(f"unknown method {method!r}; known: {', '.join(METHOD_PRESETS)}")
@@ -84,6 +84,20 @@ def make_configs(presets: Sequence[str], adapters: Sequence[str], methods: Seque
     if len(set(out)) != len(out):
         raise ValueError("the sweep lists a configuration twice (repeated preset, method or scale)")
     return out
+
+
+def adapter_lora_scale(adapter: str) -> float | None:
+    """The default weight of an adapter's own LoRA (its ``lora_scale`` option), None when it has none."""
+    from fastface.adapters.registry import get_entry
+
+    entry = get_entry(adapter)
+    option = next((o for o in entry.adapter.call_options() if o.name == "lora_scale"), None)
+    return None if option is None else entry.adapter.default(entry.preset, option)
+
+
+def lora_option(adapter: str, lora_scale: float) -> dict[str, float]:
+    """The call option of a configuration's LoRA weight (none for an adapter without a LoRA option)."""
+    return {} if adapter_lora_scale(adapter) is None else {"lora_scale": lora_scale}
 
 
 @dataclass(frozen=True)
@@ -272,14 +286,13 @@ class PipelineGenerator:
         import torch
 
         from fastface.pipeline import Pipeline
-        from fastface.presets import get_adapter_preset
 
         self._pipe = None
         self._faces = {}
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         o = self.options
-        fuse = config.lora_scale == get_adapter_preset(config.adapter).lora_scale
+        fuse = config.lora_scale == (adapter_lora_scale(config.adapter) or 0.0)
         return Pipeline.from_pretrained(config.preset, adapter=config.adapter, steps=config.steps, dtype=o.dtype,
                                         device=o.device, download=o.download, cache_dir=o.cache_dir,
                                         face_root=o.face_root, fuse_adapter_lora=fuse)
@@ -290,7 +303,7 @@ class PipelineGenerator:
             self._faces[key] = self._pipe.identity(key)
         c = req.config
         out = self._pipe(req.prompt, face=self._faces[key], method=c.method, seed=req.seed, ip_scale=c.ip_scale,
-                         lora_scale=c.lora_scale, num_images=1)
+                         num_images=1, **lora_option(c.adapter, c.lora_scale))
         return out.images[0]
 
     def __call__(self, req: Request) -> Image.Image:
@@ -322,25 +335,28 @@ class SelfcheckGenerator(PipelineGenerator):
         self._tmp = tempfile.TemporaryDirectory(prefix="fastface-eval-selfcheck-")
         self.weights = write_tiny_weights(self._tmp.name)
 
+    def _tiny(self, adapter: str):
+        return next((a for a in self.weights.adapters if a.name == adapter), None)
+
     def _load(self, config: Config):
         from fastface.pipeline import Pipeline
 
-        if config.preset not in ("hyper", "lightning") or config.adapter != "faceid-plusv2":
-            raise ValueError("the selfcheck generator has tiny weights for presets hyper and lightning with "
-                             f"adapter faceid-plusv2 only, not {config.preset} + {config.adapter}")
+        tiny = self._tiny(config.adapter)
+        if config.preset not in ("hyper", "lightning") or tiny is None:
+            raise ValueError("the selfcheck generator has tiny weights for presets hyper and lightning with adapters "
+                             f"{', '.join(a.name for a in self.weights.adapters)} only, not {config.preset} + "
+                             f"{config.adapter}")
         w = self.weights
         weights = w.lora if config.preset == "hyper" else w.unet_file
-        return Pipeline.from_pretrained(config.preset, "faceid-plusv2", base=w.base, adapter_file=w.adapter,
-                                        image_encoder=w.image_encoder, weights=weights, dtype="fp32",
-                                        device=self.options.device or "cpu", fuse_adapter_lora=False)
+        return Pipeline.from_pretrained(config.preset, config.adapter, base=w.base, weights=weights, dtype="fp32",
+                                        device=self.options.device or "cpu", fuse_adapter_lora=False, **tiny.load)
 
     def _call(self, req: Request) -> Image.Image:
-        from fastface.selfcheck import tiny_face
-
         seed = int(hashlib.sha256(req.identity.name.encode("utf-8")).hexdigest()[:8], 16)
         c = req.config
-        out = self._pipe(req.prompt, face=tiny_face(seed), method=c.method, seed=req.seed, ip_scale=c.ip_scale,
-                         lora_scale=c.lora_scale, height=self.size, width=self.size)
+        face = self._tiny(c.adapter).face_for(seed)
+        out = self._pipe(req.prompt, face=face, method=c.method, seed=req.seed, ip_scale=c.ip_scale,
+                         height=self.size, width=self.size, **lora_option(c.adapter, c.lora_scale))
         return out.images[0]
 
 

@@ -1,6 +1,6 @@
 """fastface: FastFace (decoupled CFG + attention manipulation) for identity adapters on few-step SDXL.
 
-A framework-agnostic hooking library on raw PyTorch. See README.md and DESIGN notes for the architecture.
+A framework-agnostic hooking library on raw PyTorch. See README.md for the architecture.
 """
 
 from __future__ import annotations
@@ -15,13 +15,22 @@ __version__ = "0.1.0"
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
-__all__ = ["FastFace", "Pipeline", "UNet", "UNetConfig", "__version__", "attach", "load_unet"]
+# Loaded on first use only (the pipeline imports every model part and insightface's helpers).
+_LAZY = {
+    "Pipeline": "fastface.pipeline",
+    "load_face_file": "fastface.face_files",
+    "save_face_file": "fastface.face_files",
+    "register_adapter": "fastface.adapters.registry",
+    "adapter_names": "fastface.adapters.registry",
+}
+
+__all__ = ["FastFace", "UNet", "UNetConfig", "__version__", "attach", "load_unet", *_LAZY]
 
 
 def __getattr__(name: str):
-    # The pipeline imports every model part and insightface's helpers: loaded on first use only.
-    if name == "Pipeline":
-        from fastface.pipeline import Pipeline
+    if name in _LAZY:
+        import importlib
 
-        return Pipeline
+        module = importlib.import_module(_LAZY[name])
+        return getattr(module, "register" if name == "register_adapter" else name)
     raise AttributeError(f"module 'fastface' has no attribute {name!r}")

@@ -1,9 +1,11 @@
 """The ``fastface`` command: ``fastface generate`` (face + prompt -> PNG), ``fastface embed``, ``fastface selfcheck``.
 
 Exit codes: 0 success; 1 an internal error (with a traceback); 2 a bad option or value; 3 weights missing or
-unreadable; 4 a face problem (no face found, unreadable photo or face file, no crop for FaceID-Plus-v2, an
-embedding where PuLID needs a photo or a PuLID face file).
+unreadable; 4 a face problem (no face found, unreadable photo or face file, a face input the adapter cannot use).
 Every error other than 1 is reported as one line on stderr.
+
+The choices of --preset, --adapter and --method come from the presets and the adapter registry; each registered
+adapter's options are flags (``--lora-scale``) and ``--adapter-option KEY=VALUE``, listed in ``--help``.
 """
 
 from __future__ import annotations
@@ -20,10 +22,6 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_WEIGHTS, EXIT_FACE = 0, 1, 2, 3, 4
-METHODS = ("baseline", "dcg", "am1", "am2", "fastface-am1", "fastface-am2")
-PRESETS = ("hyper", "lightning", "lcm", "turbo", "tcd")
-ADAPTERS = ("faceid", "faceid-plusv2", "pulid", "pulid-v1.1")
-PULID_MODES = ("fidelity", "style", "v1.1", "plain")
 
 EPILOG = """\
 exit codes: 0 ok, 2 bad option or value, 3 weights missing or unreadable, 4 face problem (no face found,
@@ -34,7 +32,7 @@ examples:
       astronaut" --download
   fastface generate --face me1.jpg --face me2.jpg --prompt "..." --method dcg --set alpha=1,2,2,1 --num-images 4
   fastface embed --face me.jpg -o me.safetensors    # then: fastface generate --face me.safetensors ...
-  fastface generate --adapter pulid --face me.jpg --prompt "..." --download      # PuLID v1, fidelity mode
+  fastface generate --adapter NAME --adapter-option KEY=VALUE ...   # an adapter's options: see "adapter options"
   fastface selfcheck
 """
 
@@ -80,7 +78,7 @@ def _add_weights(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("weights (default: the Hugging Face cache; downloads only with --download)")
     g.add_argument("--download", action="store_true",
                    help="download missing weights into the Hugging Face cache (needs: pip install "
-                   "'fastface[hub]'), and a missing insightface face-analysis pack into --face-root")
+                   "'fastface[hub]'), and missing face models into --face-root")
     g.add_argument("--cache-dir",
                    help="Hugging Face hub cache folder (default: $HF_HUB_CACHE or ~/.cache/huggingface/hub)")
     g.add_argument("--base", help="diffusers SDXL folder or repo id (text encoders, VAE, UNet config and weights)")
@@ -88,23 +86,53 @@ def _add_weights(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weights", "--lora", dest="weights",
                    help="local distilled weights: the LoRA file (hyper, lcm, tcd) or the UNet file (lightning)")
     g.add_argument("--vae", help="VAE folder, file or repo id (e.g. madebyollin/sdxl-vae-fp16-fix)")
-    g.add_argument("--adapter-file", help="local adapter file: IP-Adapter FaceID / FaceID-Plus-v2 (.bin or "
-                   ".safetensors), or PuLID (pulid_v1.bin / pulid_v1.1.safetensors)")
-    g.add_argument("--image-encoder", help="local CLIP ViT-H/14 image encoder folder (FaceID-Plus-v2)")
+    g.add_argument("--adapter-file", help="local adapter file replacing the adapter preset's")
     _add_face_models(g)
 
 
+def _adapter_flags() -> dict[str, tuple[Any, list[str]]]:
+    """Every registered adapter option by CLI flag: (the option, the adapters having it)."""
+    from fastface.adapters.registry import entries
+
+    flags: dict[str, tuple[Any, list[str]]] = {}
+    for entry in entries():
+        for o in entry.adapter.options:
+            flags.setdefault(o.cli_flag, (o, []))[1].append(entry.name)
+    return flags
+
+
+def _dest(flag: str) -> str:
+    return "adapter_" + flag.lstrip("-").replace("-", "_")
+
+
 def _add_face_models(g: argparse._ArgumentGroup) -> None:
-    g.add_argument("--face-root", help="insightface folder holding models/buffalo_l (PuLID: models/antelopev2 and "
-                   "models/facexlib/parsing_bisenet.pth); default ~/.insightface; with --download a missing pack is "
+    g.add_argument("--face-root", help="insightface folder holding models/<pack> (each adapter's face-analysis "
+                   "pack) and other face-model files; default ~/.insightface; with --download a missing pack is "
                    "fetched from the insightface releases")
-    g.add_argument("--eva", help="PuLID: local EVA02-CLIP-L-14-336 checkpoint (default: QuanSun/EVA-CLIP "
-                   "EVA02_CLIP_L_336_psz14_s6B.pt from the Hugging Face cache); needed for photos only")
-    g.add_argument("--face-parser", help="PuLID: local facexlib parsing_bisenet.pth (default: found in "
-                   "FACE_ROOT/models/facexlib; with --download fetched from facexlib's GitHub release)")
-    g.add_argument("--face-detector", help="PuLID: local facexlib detection_Resnet50_Final.pth (RetinaFace: aligns "
-                   "photos as upstream; default: found in FACE_ROOT/models/facexlib, with --download fetched from "
-                   "facexlib's GitHub release; if absent, insightface keypoints with a warning)")
+    for flag, (o, names) in _adapter_flags().items():
+        if o.load:
+            g.add_argument(flag, dest=_dest(flag), metavar="PATH", help=f"{', '.join(names)}: {o.help}")
+
+
+def _add_adapter_options(p: argparse.ArgumentParser) -> None:
+    from fastface.adapters.registry import entries
+
+    lines = [f"{e.name} ({e.adapter.family}): " + (", ".join(f"{o.name}" + (f"={'|'.join(o.choices)}" if o.choices
+             else f" ({o.kind.__name__})") for o in e.adapter.call_options()) or "no options") for e in entries()]
+    g = p.add_argument_group("adapter options", "each adapter's call options (by flag or --adapter-option): "
+                             + "; ".join(lines))
+    g.add_argument("--adapter-option", action="append", metavar="KEY=VALUE", dest="adapter_option",
+                   help="an option of the adapter, e.g. lora_scale=0.8 or mode=style (repeatable)")
+    for flag, (o, names) in _adapter_flags().items():
+        if o.load:
+            continue
+        text = f"{', '.join(names)}: {o.help}"
+        if o.kind is bool:
+            g.add_argument(flag, dest=_dest(flag), action="store_true", default=None, help=text)
+        elif o.choices:
+            g.add_argument(flag, dest=_dest(flag), choices=o.choices, help=text)
+        else:
+            g.add_argument(flag, dest=_dest(flag), type=o.kind, metavar="VALUE", help=text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,18 +153,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", "-p", required=True, help="the text prompt")
     g.add_argument("--face", "-f", action="append", required=True, metavar="PATH",
                    help="a face photo, or a face file (.npy / .safetensors, see 'fastface embed'); repeat for "
-                   "several photos of the same person (their embeddings are averaged; PuLID concatenates them)")
+                   "several photos of the same person (combined as the adapter does)")
     g.add_argument("--negative-prompt", "-n", help="negative prompt (default: none, i.e. SDXL's zero null text)")
     g.add_argument("--num-images", type=int, default=1, help="images to generate (default 1)")
     g.add_argument("--seed", type=int, help="seed of the first image; image i uses seed + i (default: random)")
     g.add_argument("--output", "-o", default="fastface.png",
                    help="output PNG (several images: NAME-0.png, NAME-1.png, ...); a folder gets fastface-SEED.png")
+    from fastface.adapters.registry import entries
+    from fastface.presets import DEFAULT_METHOD, METHOD_PRESETS, MODEL_PRESETS
+
+    adapters = {e.name: e.preset.description for e in entries()}
     g = gen.add_argument_group("model and method")
-    g.add_argument("--preset", default="hyper", choices=PRESETS, help="distilled model recipe (default hyper)")
-    g.add_argument("--adapter", default="faceid-plusv2", choices=ADAPTERS,
-                   help="identity adapter (default faceid-plusv2); pulid = PuLID v1, pulid-v1.1 = PuLID v1.1")
-    g.add_argument("--method", default="fastface-am1", choices=METHODS,
-                   help="guidance/attention method (default fastface-am1)")
+    g.add_argument("--preset", default="hyper", choices=list(MODEL_PRESETS),
+                   help="distilled model recipe (default hyper)")
+    g.add_argument("--adapter", default="faceid-plusv2", choices=list(adapters),
+                   help="identity adapter (default faceid-plusv2): "
+                   + "; ".join(f"{n} = {d}" for n, d in adapters.items()))
+    g.add_argument("--method", default=DEFAULT_METHOD, choices=list(METHOD_PRESETS),
+                   help=f"guidance/attention method (default {DEFAULT_METHOD})")
     g.add_argument("--set", action="append", metavar="KEY=VALUE", dest="method_set",
                    help="override a method setting, e.g. alpha=1,1.5,1.5,1 beta=3 rescale=none p=1.3 s_up=1.45 "
                    "d=7.5,5,5,5 q=0.65 w=0.7 adain=false (repeatable)")
@@ -146,14 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sampler-param", action="append", metavar="KEY=VALUE", help="a sampler parameter, e.g. eta=0.3")
     g.add_argument("--height", type=int, help="image height (default: the preset's resolution)")
     g.add_argument("--width", type=int, help="image width (default: the preset's resolution)")
-    g.add_argument("--ip-scale", type=float, help="identity attention weight (default 0.8; PuLID's id_scale)")
-    g.add_argument("--lora-scale", type=float, help="weight of the adapter's LoRA (default 1.0; not PuLID)")
-    g.add_argument("--s-scale", type=float, help="FaceID-Plus-v2 shortcut weight (default 1.0)")
-    g.add_argument("--pulid-mode", choices=PULID_MODES,
-                   help="PuLID zero tokens + projection: fidelity (8 + ORTHO_v2, v1 default), style (16 + ORTHO), "
-                   "v1.1 (20 + ORTHO_v2, v1.1 default), plain")
-    g.add_argument("--id-mix", action="store_true",
-                   help="PuLID v1 with several photos: keep all 10 tokens of every photo (default: 5 for extra ones)")
+    g.add_argument("--ip-scale", type=float, help="identity attention weight (default: the adapter's, 0.8)")
+    _add_adapter_options(gen)
     g = gen.add_argument_group("runtime")
     g.add_argument("--device", help="cuda, cuda:1, cpu, mps ... (default: cuda if available)")
     g.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), help="default fp16 on CUDA, fp32 elsewhere")
@@ -162,20 +190,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--verbose", "-v", action="store_true", help="log what is loaded from where")
     _add_weights(gen)
 
-    emb = sub.add_parser("embed", help="save a person's face embedding (+ aligned crops) as a face file",
+    emb = sub.add_parser("embed", help="save a person's face identity as a face file",
                          description="Detect the face in each photo and save the identity as a .safetensors face "
-                         "file that --face accepts: embedding [512] and aligned crops (FaceID adapters), or with "
-                         "--adapter pulid / pulid-v1.1 PuLID's encoder inputs (id_cond and EVA hidden states).")
+                         "file that --face accepts, in the adapter's format (e.g. embedding [512] and aligned "
+                         "crops for the FaceID adapters).")
     emb.add_argument("--face", "-f", action="append", required=True, metavar="PATH", help="face photo (repeatable)")
     emb.add_argument("--output", "-o", required=True, help="output .safetensors file")
-    emb.add_argument("--adapter", default="faceid-plusv2", choices=ADAPTERS,
-                     help="the adapter the file is for: faceid / faceid-plusv2 (default; one format) or "
-                     "pulid / pulid-v1.1 (one format)")
+    emb.add_argument("--adapter", default="faceid-plusv2", choices=list(adapters),
+                     help="the adapter the file is for (default faceid-plusv2)")
     g = emb.add_argument_group("face models")
     _add_face_models(g)
     g.add_argument("--download", action="store_true", help="download missing face models")
-    g.add_argument("--cache-dir", help="Hugging Face hub cache folder (PuLID's EVA02-CLIP)")
-    g.add_argument("--device", help="PuLID: device for BiSeNet and EVA (default: cuda if available)")
+    g.add_argument("--cache-dir", help="Hugging Face hub cache folder (face models from the hub)")
+    g.add_argument("--device", help="device for the face models (default: cuda if available)")
 
     chk = sub.add_parser("selfcheck", help="run the whole pipeline on tiny random weights (offline, seconds)",
                          description="Builds the pipeline from tiny random weights written on the fly and runs "
@@ -228,47 +255,66 @@ def _reproduce(parser: argparse.ArgumentParser, ns: argparse.Namespace, seed: in
     return shlex.join(words + ["--seed", str(seed), "--output", str(output)])
 
 
+def _adapter_options(ns: argparse.Namespace, entry: Any, load: bool) -> tuple[dict[str, Any], dict[str, str]]:
+    """The adapter options given on the command line ({keyword: value}, {keyword: how it was written}), checked
+    to be this adapter's (CLIError otherwise)."""
+    from fastface.adapters.registry import unknown_option_error
+
+    given: dict[str, Any] = {}
+    shown: dict[str, str] = {}
+    for flag, (o, _) in _adapter_flags().items():
+        value = getattr(ns, _dest(flag), None)
+        if o.load == load and value is not None:
+            given[o.name], shown[o.name] = value, flag
+    if not load:
+        for key, value in _pairs(getattr(ns, "adapter_option", None), "--adapter-option").items():
+            given[key], shown[key] = value, key
+    mine = {k for o in entry.adapter.options for k in o.keywords}
+    for key in given:
+        if key not in mine:
+            raise CLIError(EXIT_USAGE, str(unknown_option_error(entry.name, key, shown[key])))
+    return given, shown
+
+
+def _option_error(exc: ValueError, shown: dict[str, str]) -> CLIError:
+    from fastface.adapters.base import AdapterOptionError
+
+    if isinstance(exc, AdapterOptionError) and exc.option in shown:
+        return CLIError(EXIT_USAGE, f"{shown[exc.option]} {exc.reason}")
+    return CLIError(EXIT_USAGE, str(exc))
+
+
 def _generate(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> int:
+    from fastface.adapters.registry import get_entry, unknown_option_error
     from fastface.pipeline import Pipeline
-    from fastface.presets import get_adapter_preset, model_recipe, resolve_method
+    from fastface.presets import model_recipe, resolve_method
 
     options = _pairs(ns.method_set, "--set")
     if ns.guidance is not None:
         options["guidance"] = ns.guidance
     sampler_params = _pairs(ns.sampler_param, "--sampler-param") or None
-    adapter = get_adapter_preset(ns.adapter)
+    entry = get_entry(ns.adapter)
     # Settings are checked before anything is loaded (ValueError -> exit 2).
     recipe = model_recipe(ns.preset, ns.steps, **({"weights": ns.weights} if ns.weights else {}))
-    resolve_method(ns.method, recipe, adapter=adapter, **options)
+    resolve_method(ns.method, recipe, adapter=entry.preset, **options)
     if ns.num_images < 1:
         raise CLIError(EXIT_USAGE, f"--num-images must be at least 1, got {ns.num_images}")
     _outputs(ns.output, [0] * ns.num_images)
-    if adapter.variant != "pulid":
-        for flag, value in (("--pulid-mode", ns.pulid_mode), ("--id-mix", ns.id_mix or None), ("--eva", ns.eva),
-                            ("--face-parser", ns.face_parser), ("--face-detector", ns.face_detector)):
-            if value is not None:
-                raise CLIError(EXIT_USAGE, f"{flag} is a PuLID option; --adapter {ns.adapter} does not use it")
-    else:
-        for flag, value in (("--lora-scale", ns.lora_scale), ("--s-scale", ns.s_scale)):
-            if value is not None:
-                raise CLIError(EXIT_USAGE, f"{flag} is an IP-Adapter option; PuLID has no LoRA and no shortcut")
-        if ns.id_mix and adapter.pulid_version != "v1":
-            raise CLIError(EXIT_USAGE, "--id-mix is a PuLID v1 option (pulid-v1.1 encodes all photos together)")
+    files, _ = _adapter_options(ns, entry, load=True)
+    call, shown = _adapter_options(ns, entry, load=False)
+    try:
+        entry.adapter.resolve_options(entry.preset, call, lambda k: unknown_option_error(entry.name, k, shown.get(k)))
+    except ValueError as exc:
+        raise _option_error(exc, shown) from exc
     # The face first: a photo without a face fails before the generation weights are loaded.
-    pulid_models: dict[str, Any] = {}
-    face = _identity(ns, adapter, pulid_models)
-    if adapter.variant == "faceid_plus" and not face.crops:
-        raise CLIError(EXIT_FACE, f"{face.source}: FaceID-Plus-v2 needs the aligned face crop, which this face file "
-                       "lacks; pass the photo, a face file from 'fastface embed', or use --adapter faceid")
+    preparer = _preparer(ns, entry, files)
+    face = _identity(ns, preparer)
     pipe = Pipeline.from_pretrained(
         ns.preset, ns.adapter, steps=ns.steps, dtype=ns.dtype, device=ns.device, download=ns.download,
         cache_dir=ns.cache_dir, base=ns.base, unet=ns.unet, weights=ns.weights, vae=ns.vae,
-        adapter_file=ns.adapter_file, image_encoder=ns.image_encoder, face_root=ns.face_root,
-        **({"eva": ns.eva, "face_parser": ns.face_parser, "face_detector": ns.face_detector}
-           if adapter.variant == "pulid" else {}),
+        adapter_file=ns.adapter_file, face_root=ns.face_root, **files,
     )
-    if pulid_models:  # recorded in the PNG metadata, and reused if the pipeline sees photos again
-        pipe.set_pulid_preprocessor(pulid_models["preprocessor"], pulid_models["sources"])
+    pipe.use_face_preparer(preparer)  # its face models are reused, its files recorded in the PNG metadata
     bar = None
     if not ns.no_progress:
         from tqdm import tqdm
@@ -277,10 +323,9 @@ def _generate(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> int:
         bar = tqdm(total=(ns.steps or pipe.recipe.steps) * chunks, unit="step", desc="fastface", file=sys.stderr)
     try:
         out = pipe(ns.prompt, face, method=ns.method, steps=ns.steps, seed=ns.seed, ip_scale=ns.ip_scale,
-                   lora_scale=ns.lora_scale, s_scale=ns.s_scale, num_images=ns.num_images,
-                   negative_prompt=ns.negative_prompt, height=ns.height, width=ns.width, batch_size=ns.batch_size,
-                   sampler=ns.sampler, sampler_params=sampler_params, pulid_mode=ns.pulid_mode, id_mix=ns.id_mix,
-                   callback=(lambda i, t, x: bar.update(1)) if bar is not None else None, **options)
+                   num_images=ns.num_images, negative_prompt=ns.negative_prompt, height=ns.height, width=ns.width,
+                   batch_size=ns.batch_size, sampler=ns.sampler, sampler_params=sampler_params,
+                   callback=(lambda i, t, x: bar.update(1)) if bar is not None else None, **call, **options)
     finally:
         if bar is not None:
             bar.close()
@@ -291,47 +336,35 @@ def _generate(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _identity(ns: argparse.Namespace, adapter: Any, loaded: dict | None = None) -> Any:
-    """The person of ``--face``: a FaceInfo, or for PuLID a PuLIDIdentity (photos go through BiSeNet + EVA here, so
-    missing face models and faces fail before the generation weights are loaded). ``loaded`` receives PuLID's
-    preprocessing and its files when photos needed them."""
+def _preparer(ns: argparse.Namespace, entry: Any, files: dict[str, Any]) -> Any:
+    """The adapter's face preparation for the command's face models."""
+    from fastface.adapters.base import FaceSettings
+    from fastface.pipeline import _device
+
+    faces = FaceSettings(ns.face_root, ns.download, ns.cache_dir, _device(ns.device), files)
+    return entry.adapter.face_preparer(entry.preset, faces)
+
+
+def _identity(ns: argparse.Namespace, preparer: Any) -> Any:
+    """The person of ``--face``, prepared by the adapter (its face models load here, so missing models and faces
+    fail before the generation weights are loaded)."""
     from fastface.models.loading import WeightFormatError
-    from fastface.pipeline import _device, open_face_analyzer, prepare_identity
-    from fastface.pipeline_pulid import open_pulid_preprocessor, prepare_pulid_identity
-
-    loaded = {} if loaded is None else loaded
-
-    def pulid_preprocessor():
-        if "preprocessor" not in loaded:
-            loaded["preprocessor"], loaded["sources"] = open_pulid_preprocessor(
-                adapter, face_root=ns.face_root, eva=ns.eva, face_parser=ns.face_parser,
-                face_detector=ns.face_detector, device=_device(ns.device), download=ns.download, cache_dir=ns.cache_dir,
-            )
-        return loaded["preprocessor"]
 
     try:
-        if adapter.variant != "pulid":
-            return prepare_identity(
-                ns.face, lambda: open_face_analyzer(ns.face_root, adapter.face_pack, download=ns.download)
-            )
-        return prepare_pulid_identity(ns.face, pulid_preprocessor)
+        return preparer.prepare(ns.face)
     except ValueError as exc:
         raise CLIError(EXIT_WEIGHTS if isinstance(exc, WeightFormatError) else EXIT_FACE, str(exc)) from exc
 
 
 def _embed(ns: argparse.Namespace) -> int:
-    from fastface.pipeline_loading import save_face_file
-    from fastface.pipeline_pulid import save_pulid_face_file
-    from fastface.presets import get_adapter_preset
+    from fastface.adapters.registry import get_entry
 
     if not ns.output.endswith(".safetensors"):
         raise CLIError(EXIT_USAGE, f"--output must end with .safetensors, got {ns.output!r}")
-    adapter = get_adapter_preset(ns.adapter)
-    if adapter.variant != "pulid" and any(x is not None for x in (ns.eva, ns.face_parser, ns.face_detector)):
-        raise CLIError(EXIT_USAGE, f"--eva, --face-parser and --face-detector are PuLID options; --adapter "
-                       f"{ns.adapter} does not use them")
-    face = _identity(ns, adapter)
-    print(save_pulid_face_file(ns.output, face) if adapter.variant == "pulid" else save_face_file(ns.output, face))
+    entry = get_entry(ns.adapter)
+    files, _ = _adapter_options(ns, entry, load=True)
+    preparer = _preparer(ns, entry, files)
+    print(preparer.save(ns.output, _identity(ns, preparer)))
     return EXIT_OK
 
 

@@ -50,6 +50,10 @@ __all__ = [
     "resolve_folder",
     "resolve",
     "resolve_first",
+    "download_insightface_pack",
+    "given_file",
+    "find_facexlib_file",
+    "check_ref",
 ]
 
 _TRUE = {"1", "ON", "YES", "TRUE"}
@@ -514,3 +518,102 @@ def resolve_first(
         raise errors[0]
     listed = " | ".join(f"[{i + 1}] {e}" for i, e in enumerate(errors))
     raise WeightNotFoundError(f"none of {len(candidates)} equivalent sources is available: {listed}") from errors[0]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Weight files outside the Hugging Face hub: insightface packs and GitHub release assets
+
+
+def download_insightface_pack(root: str | os.PathLike, pack: str, url: str) -> None:
+    """Fetch insightface's face-analysis ``pack`` into ``root/models/<pack>`` (insightface's own downloader).
+
+    For callers that allowed downloads (and checked :func:`is_offline`). ``url``: the release asset, named in the
+    error when the download fails.
+    """
+    import contextlib
+    import io
+
+    folder = Path(root) / "models" / pack
+    from insightface.utils import storage
+
+    logger.warning("downloading the insightface face-analysis pack %r into %s", pack, folder)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            storage.download("models", pack, force=folder.exists(), root=str(root))
+    except Exception as exc:  # network or archive problems: one clear error
+        raise WeightNotFoundError(
+            f"could not download the insightface pack {pack!r} into {folder} ({type(exc).__name__}: {exc}); get "
+            f"{url} and unzip it there, or pass face_root= / --face-root"
+        ) from exc
+
+
+def given_file(path: str | os.PathLike, what: str) -> Path:
+    """A file the caller named explicitly: it must exist (else a WeightNotFoundError naming ``what``)."""
+    p = Path(os.path.expanduser(os.fspath(path)))
+    if not p.is_file():
+        raise WeightNotFoundError(f"{p}: no such {what}")
+    return p
+
+
+def _facexlib_weights_dir() -> Path | None:
+    """facexlib's own download folder (``<site-packages>/facexlib/weights``), found without importing facexlib."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("facexlib")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.origin:
+        return None
+    return Path(spec.origin).parent / "weights"
+
+
+def _download_url(url: str, dest: Path) -> None:
+    """Fetch ``url`` into ``dest`` through a temporary file (no partial file is left behind)."""
+    import shutil
+    import tempfile
+    import urllib.request
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=dest.parent, prefix=dest.name, suffix=".part", delete=False) as tmp:
+        part = Path(tmp.name)
+        try:
+            with urllib.request.urlopen(url, timeout=60) as response:  # noqa: S310  (a fixed https URL)
+                shutil.copyfileobj(response, tmp)
+        except BaseException:
+            tmp.close()
+            part.unlink(missing_ok=True)
+            raise
+    part.replace(dest)
+
+
+def find_facexlib_file(
+    name: str, url: str | None, what: str, folder: Path, download: bool
+) -> tuple[Path | None, list[Path], str]:
+    """Look for facexlib's weight file ``name`` in ``folder`` and facexlib's own ``weights/`` folder; fetch it from
+    ``url`` into ``folder`` only with ``download`` (and ``HF_HUB_OFFLINE`` unset).
+
+    Returns (the file or None, the folders searched, why a download did not happen or failed, or "").
+    """
+    places = [folder] + [d for d in (_facexlib_weights_dir(),) if d is not None]
+    for place in places:
+        if (place / name).is_file():
+            return place / name, places, ""
+    if download and url and not is_offline():
+        logger.warning("downloading facexlib's %s %s into %s", what, url, folder)
+        try:
+            _download_url(url, folder / name)
+            return folder / name, places, ""
+        except Exception as exc:  # network problems: reported by the caller
+            return None, places, f"The download failed ({type(exc).__name__}: {exc}). "
+    if download and url:
+        return None, places, "Downloads were allowed but HF_HUB_OFFLINE is set, so the network was not used. "
+    return None, places, ""
+
+
+def check_ref(name: str, value: object, optional: bool = True) -> None:
+    """``value`` must be a weight reference (repo id, local path, HubFile, HubFolder); None only if ``optional``."""
+    if value is None and optional:
+        return
+    if not isinstance(value, (str, os.PathLike, HubFile, HubFolder)) or (isinstance(value, str) and not value):
+        raise ValueError(f"{name} must be a repo id, a local path, a HubFile or a HubFolder, got {value!r}")

@@ -4,10 +4,10 @@ Three registries of frozen dataclasses:
 
 * :data:`MODEL_PRESETS` ``hyper``, ``lightning``, ``lcm``, ``turbo``, ``tcd``: base repo, distilled weights per
   released step count, how they are applied, sampler, timestep spacing, resolution and baseline guidance
-  (``reference/fastface-official.md`` Sec. 3, ``reference/sdxl-formats-samplers.md`` Sec. 2.2 and 3.9).
+  (the official FastFace runs and the released model cards).
   :func:`model_recipe` resolves one for a step count into a :class:`ModelRecipe` that a pipeline runs.
-* :data:`ADAPTER_PRESETS` ``faceid``, ``faceid-plusv2``, ``pulid``, ``pulid-v1.1``: files and the official run
-  settings.
+* :data:`ADAPTER_PRESETS`: the presets of the registered adapters (:mod:`fastface.adapters.registry`; built in:
+  ``faceid``, ``faceid-plusv2``, ``pulid``, ``pulid-v1.1``), each owned by its adapter module.
 * :data:`METHOD_PRESETS` ``baseline``, ``dcg``, ``am1``, ``am2``, ``fastface-am1`` (the default), ``fastface-am2``;
   :func:`resolve_method` turns one into a ``(DCGConfig, AM config | None)`` pair for a model.
 
@@ -20,18 +20,24 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import logging
-import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from fastface.adapters.pulid import PULID_MODES
+from fastface.adapters.base import AdapterPreset
+from fastface.adapters.registry import entries, get_entry
+from fastface.adapters.registry import presets as ADAPTER_PRESETS
 from fastface.am import AM1Config, AM2Config
 from fastface.dcg import DCG_CONFIGS, DCGConfig, StepSchedule
 from fastface.hub import HubFile, HubFolder, WeightRef
+from fastface.hub import check_ref as _check_source
 from fastface.samplers import SAMPLERS, SPACINGS, timesteps
+from fastface.validate import check_bool as _check_bool
+from fastface.validate import check_int as _check_int
+from fastface.validate import check_number as _check_number
+from fastface.validate import known as _known
 
 logger = logging.getLogger(__name__)
 
@@ -47,10 +53,6 @@ __all__ = [
     "model_recipe",
     "AdapterPreset",
     "ADAPTER_PRESETS",
-    "PULID_REPO",
-    "EVA_CLIP_REPO",
-    "BISENET_URL",
-    "RETINAFACE_URL",
     "get_adapter_preset",
     "MethodPreset",
     "METHOD_PRESETS",
@@ -66,16 +68,6 @@ HYPER_REPO = "ByteDance/Hyper-SD"
 LIGHTNING_REPO = "ByteDance/SDXL-Lightning"
 LCM_REPO = "latent-consistency/lcm-lora-sdxl"
 TCD_REPO = "h1t/TCD-SDXL-LoRA"
-FACEID_REPO = "h94/IP-Adapter-FaceID"
-CLIP_H_REPO = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
-IP_ADAPTER_REPO = "h94/IP-Adapter"
-PULID_REPO = "guozinan/PuLID"
-EVA_CLIP_REPO = "QuanSun/EVA-CLIP"
-EVA02_L_336 = "EVA02_CLIP_L_336_psz14_s6B.pt"
-# facexlib's face-parsing BiSeNet: a GitHub release asset (not on the Hugging Face hub).
-BISENET_URL = "https://github.com/xinntao/facexlib/releases/download/v0.2.0/parsing_bisenet.pth"
-# facexlib's RetinaFace-R50 (upstream PuLID's face alignment): a GitHub release asset too (facexlib.detection).
-RETINAFACE_URL = "https://github.com/xinntao/facexlib/releases/download/v0.1.0/detection_Resnet50_Final.pth"
 
 Apply = Literal["lora", "unet", "none"]
 Params = tuple[tuple[str, object], ...]
@@ -95,30 +87,6 @@ _COMPONENT_STEMS = {
 # Validation helpers
 
 
-def _known(kind: str, names: Sequence[str]) -> str:
-    return f"known {kind}: {', '.join(sorted(names))}"
-
-
-def _check_number(name: str, value: object, lo: float = -math.inf, lo_open: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if value < lo or (lo_open and value == lo):
-        raise ValueError(f"{name} must be {'>' if lo_open else '>='} {lo}, got {value}")
-    return float(value)
-
-
-def _check_int(name: str, value: object, lo: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-        raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
-    return value
-
-
-def _check_bool(name: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be True or False, got {value!r}")
-    return value
-
-
 def _sampler_params(sampler: str, params: Mapping[str, object] | Params) -> Params:
     """Validate sampler keyword arguments against the sampler's signature; returns sorted (name, value) pairs."""
     if sampler not in SAMPLERS:
@@ -136,13 +104,6 @@ def _check_spacing(spacing: str) -> str:
     if spacing not in SPACINGS:
         raise ValueError(f"unknown timestep spacing {spacing!r}; {_known('spacings', SPACINGS)}")
     return spacing
-
-
-def _check_source(name: str, value: object, optional: bool = True) -> None:
-    if value is None and optional:
-        return
-    if not isinstance(value, (str, os.PathLike, HubFile, HubFolder)) or (isinstance(value, str) and not value):
-        raise ValueError(f"{name} must be a repo id, a local path, a HubFile or a HubFolder, got {value!r}")
 
 
 def _replace(obj, kind: str, overrides: Mapping[str, object]):
@@ -508,158 +469,21 @@ def model_recipe(preset: str | ModelPreset, steps: int | None = None, **override
 # Adapters
 
 
-@dataclass(frozen=True)
-class AdapterPreset:
-    """An identity adapter: its weight file, image encoder(s), face analysis pack and default scales.
-
-    ``variant``: "faceid" or "faceid_plus" (:mod:`fastface.adapters.ip_adapter`), or "pulid"
-    (:mod:`fastface.adapters.pulid`, with ``pulid_version`` "v1" or "v1.1").
-    ``image_encoder``: equivalent CLIP ViT-H/14 folders, first preferred (FaceID-Plus only).
-    ``ip_scale``: identity attention weight (PuLID's ``id_scale``); ``lora_scale``: weight of the adapter's own LoRA
-    (the paper's "lora_scale"; PuLID has none); ``s_scale``: FaceID-Plus-v2 shortcut weight; ``invert_first_token``:
-    AM2 inverts id token 0 (FaceID-Plus-v2's background token, paper App. E).
-    PuLID only: ``eva`` the EVA02-CLIP-L-14-336 checkpoint (``visual.*`` keys), ``face_parser`` the release URL of
-    facexlib's BiSeNet weights (found locally by file name, downloaded only on request), ``face_detector`` the
-    release URL of facexlib's RetinaFace-R50 weights (likewise; None: align with insightface's keypoints),
-    ``pulid_mode`` the default mode of :data:`fastface.adapters.pulid.PULID_MODES` (zero tokens + projection).
-    """
-
-    name: str
-    description: str
-    variant: Literal["faceid", "faceid_plus", "pulid"]
-    weights: HubFile | str | os.PathLike
-    image_encoder: tuple[HubFolder | str | os.PathLike, ...] = ()
-    shortcut: bool = False
-    ip_scale: float = 0.8
-    lora_scale: float = 1.0
-    s_scale: float = 1.0
-    face_pack: str = "buffalo_l"
-    det_size: int = 640
-    invert_first_token: bool = False
-    eva: HubFile | str | os.PathLike | None = None
-    face_parser: str | None = None
-    face_detector: str | None = None
-    pulid_version: Literal["v1", "v1.1"] | None = None
-    pulid_mode: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.variant not in ("faceid", "faceid_plus", "pulid"):
-            raise ValueError(
-                f"AdapterPreset.variant must be 'faceid', 'faceid_plus' or 'pulid', got {self.variant!r}"
-            )
-        _check_source("AdapterPreset.weights", self.weights, optional=False)
-        enc = self.image_encoder
-        enc = (enc,) if isinstance(enc, (str, os.PathLike, HubFolder)) else tuple(enc)
-        object.__setattr__(self, "image_encoder", enc)
-        for e in self.image_encoder:
-            _check_source("AdapterPreset.image_encoder", e, optional=False)
-        if self.variant == "faceid_plus" and not self.image_encoder:
-            raise ValueError("a FaceID-Plus adapter needs an image_encoder (a CLIP ViT-H/14 folder)")
-        _check_bool("AdapterPreset.shortcut", self.shortcut)
-        _check_bool("AdapterPreset.invert_first_token", self.invert_first_token)
-        for n in ("ip_scale", "lora_scale", "s_scale"):
-            _check_number(f"AdapterPreset.{n}", getattr(self, n), 0.0)
-        if not self.face_pack or not isinstance(self.face_pack, str):
-            raise ValueError(f"AdapterPreset.face_pack must name an insightface pack, got {self.face_pack!r}")
-        if _check_int("AdapterPreset.det_size", self.det_size, 32) % 32:
-            raise ValueError(f"AdapterPreset.det_size must be a multiple of 32, got {self.det_size}")
-        pulid = (self.eva, self.face_parser, self.face_detector, self.pulid_version, self.pulid_mode)
-        if self.variant != "pulid":
-            if any(v is not None for v in pulid):
-                raise ValueError("eva, face_parser, face_detector, pulid_version and pulid_mode are PuLID settings "
-                                 "(variant='pulid')")
-            return
-        _check_source("AdapterPreset.eva", self.eva, optional=False)
-        if not isinstance(self.face_parser, str) or not self.face_parser.rstrip("/").rsplit("/", 1)[-1]:
-            raise ValueError(f"AdapterPreset.face_parser must be the URL or file name of the BiSeNet weights, "
-                             f"got {self.face_parser!r}")
-        if self.face_detector is not None and (
-            not isinstance(self.face_detector, str) or not self.face_detector.rstrip("/").rsplit("/", 1)[-1]
-        ):
-            raise ValueError(f"AdapterPreset.face_detector must be the URL or file name of the RetinaFace weights "
-                             f"(or None), got {self.face_detector!r}")
-        if self.pulid_version not in ("v1", "v1.1"):
-            raise ValueError(f"AdapterPreset.pulid_version must be 'v1' or 'v1.1', got {self.pulid_version!r}")
-        if self.pulid_mode not in PULID_MODES:
-            raise ValueError(f"AdapterPreset.pulid_mode must be one of {sorted(PULID_MODES)}, got {self.pulid_mode!r}")
-        if self.invert_first_token:
-            raise ValueError("PuLID has no background token to invert (invert_first_token must be False)")
-
-    @property
-    def face_parser_file(self) -> str | None:
-        """The BiSeNet weights' file name (the last part of ``face_parser``), or None."""
-        return None if self.face_parser is None else self.face_parser.rstrip("/").rsplit("/", 1)[-1]
-
-    @property
-    def face_detector_file(self) -> str | None:
-        """The RetinaFace weights' file name (the last part of ``face_detector``), or None."""
-        return None if self.face_detector is None else self.face_detector.rstrip("/").rsplit("/", 1)[-1]
-
-
-_IMAGE_ENCODER_FILES = ("config.json", "model.safetensors")
-
-ADAPTER_PRESETS: dict[str, AdapterPreset] = {
-    "faceid": AdapterPreset(
-        name="faceid",
-        description="IP-Adapter FaceID SDXL (insightface embedding -> 4 id tokens, with its LoRA)",
-        variant="faceid",
-        weights=HubFile(FACEID_REPO, "ip-adapter-faceid_sdxl.bin"),
-    ),
-    "faceid-plusv2": AdapterPreset(
-        name="faceid-plusv2",
-        description="IP-Adapter FaceID-Plus-v2 SDXL (embedding + CLIP-H face crop, shortcut), as FastFace",
-        variant="faceid_plus",
-        weights=HubFile(FACEID_REPO, "ip-adapter-faceid-plusv2_sdxl.bin"),
-        # The official FastFace code uses the laion repo; h94/IP-Adapter ships the same encoder, smaller.
-        image_encoder=(
-            HubFolder(CLIP_H_REPO, required=_IMAGE_ENCODER_FILES, allow_patterns=_IMAGE_ENCODER_FILES),
-            HubFolder(
-                IP_ADAPTER_REPO, "models/image_encoder", required=_IMAGE_ENCODER_FILES,
-                allow_patterns=tuple(f"models/image_encoder/{f}" for f in _IMAGE_ENCODER_FILES),
-            ),
-        ),
-        shortcut=True,
-        invert_first_token=True,
-    ),
-    # PuLID (Guo et al. 2024), reference/id-adapters.md Sec. 4: antelopev2 raw embedding + EVA02-CLIP-L-14-336 of
-    # the parsed, whitened, grey face; id_scale 0.8. v1 app.py: fidelity (8 zero tokens + ORTHO_v2) by default,
-    # "style" (16 + ORTHO) on request; v1.1 app_v1_1.py: 20 zero tokens + ORTHO_v2.
-    "pulid": AdapterPreset(
-        name="pulid",
-        description="PuLID v1 SDXL (antelopev2 + EVA02-CLIP-L face features -> 10 id tokens; fidelity mode)",
-        variant="pulid",
-        weights=HubFile(PULID_REPO, "pulid_v1.bin"),
-        face_pack="antelopev2",
-        eva=HubFile(EVA_CLIP_REPO, EVA02_L_336),
-        face_parser=BISENET_URL,
-        face_detector=RETINAFACE_URL,
-        pulid_version="v1",
-        pulid_mode="fidelity",
-    ),
-    "pulid-v1.1": AdapterPreset(
-        name="pulid-v1.1",
-        description="PuLID v1.1 SDXL (IDFormer -> 32 id tokens; 20 zero tokens + ORTHO_v2)",
-        variant="pulid",
-        weights=HubFile(PULID_REPO, "pulid_v1.1.safetensors"),
-        face_pack="antelopev2",
-        eva=HubFile(EVA_CLIP_REPO, EVA02_L_336),
-        face_parser=BISENET_URL,
-        face_detector=RETINAFACE_URL,
-        pulid_version="v1.1",
-        pulid_mode="v1.1",
-    ),
-}
-
-
 def get_adapter_preset(name: str | AdapterPreset, **overrides: object) -> AdapterPreset:
-    """An adapter preset by name (or as given), with validated overrides of its fields."""
-    if isinstance(name, AdapterPreset):
-        preset = name
-    elif name in ADAPTER_PRESETS:
-        preset = ADAPTER_PRESETS[name]
-    else:
-        raise ValueError(f"unknown adapter preset {name!r}; {_known('adapters', list(ADAPTER_PRESETS))}")
-    return _replace(preset, "adapter preset", overrides) if overrides else preset
+    """An adapter preset by name (or as given), with validated overrides of its fields (:meth:`AdapterPreset.replace`).
+
+    Presets belong to their adapters (:mod:`fastface.adapters.registry`); :data:`ADAPTER_PRESETS` lists them.
+    """
+    entry = get_entry(name)
+    preset = entry.preset
+    fields = {f.name for f in dataclasses.fields(preset) if f.init}
+    bad = sorted(set(overrides) - fields)
+    if bad:
+        owners = sorted({e.adapter.family for e in entries() for f in dataclasses.fields(e.preset) if f.name in bad})
+        whose = f" ({', '.join(bad)}: these are {' / '.join(owners)} settings)" if owners else ""
+        raise ValueError(f"unknown adapter preset setting(s) {bad}; {_known('settings', fields)}; {preset.name!r} is "
+                         f"an {entry.adapter.family} preset{whose}")
+    return preset.replace(**overrides) if overrides else preset
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -19,8 +19,10 @@ from PIL import Image
 
 from fastface.cli import EXIT_FACE, EXIT_USAGE, EXIT_WEIGHTS, main
 from fastface.pipeline import METADATA_KEY, Pipeline
-from fastface.pipeline_loading import save_face_file
-from fastface.presets import BISENET_URL, CLIP_H_REPO, EVA_CLIP_REPO, FACEID_REPO, HYPER_REPO, PULID_REPO, SDXL_BASE
+from fastface.adapters.faceid_adapter import CLIP_H_REPO, FACEID_REPO
+from fastface.adapters.pulid_adapter import BISENET_URL, EVA_CLIP_REPO, PULID_REPO
+from fastface.face_files import save_face_file
+from fastface.presets import HYPER_REPO, SDXL_BASE
 from fastface.selfcheck import NOT_MEANINGFUL, tiny_face, write_tiny_weights
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -179,7 +181,7 @@ def test_embed_writes_a_face_file(env, monkeypatch):
     root, _ = env
     monkeypatch.chdir(root)
     assert main(["embed", "--face", "photo.png", "--face-root", "insightface", "-o", "photo.safetensors"]) == 0
-    from fastface.pipeline_loading import load_face_file
+    from fastface.face_files import load_face_file
 
     face = load_face_file(root / "photo.safetensors")
     assert face.crop.shape == (224, 224, 3) and abs(float(np.linalg.norm(face.embedding)) - 1) < 1e-5
@@ -191,7 +193,7 @@ def test_face_pack_is_downloaded_only_when_allowed(tmp_path, monkeypatch):
     from insightface.utils import storage
 
     from fastface.models.loading import WeightFormatError
-    from fastface.pipeline import open_face_analyzer
+    from fastface.face_files import open_face_analyzer
 
     calls = []
 
@@ -239,7 +241,7 @@ def test_generate_pulid_from_a_photo(env):
 
 
 def test_embed_pulid_face_file(env, monkeypatch):
-    from fastface.pipeline_pulid import load_pulid_face_file
+    from fastface.adapters.pulid_identity import load_pulid_face_file
 
     root, variables = env
     monkeypatch.chdir(root)
@@ -286,16 +288,16 @@ def test_pulid_alignment_retinaface_or_keypoints(env, monkeypatch, caplog, tmp_p
     regenerating command); without the file: insightface keypoints and the warning saying how to get it."""
     from test_pipeline_pulid import write_tiny_retinaface
 
-    from fastface.pipeline_pulid import load_pulid_face_file
+    from fastface.adapters.pulid_identity import load_pulid_face_file
 
     root, variables = env
     monkeypatch.chdir(root)
     monkeypatch.setenv("HF_HUB_CACHE", variables["HF_HUB_CACHE"])
-    monkeypatch.setattr("fastface.pipeline_pulid._facexlib_weights_dir", lambda: None)
+    monkeypatch.setattr("fastface.hub._facexlib_weights_dir", lambda: None)
     det = write_tiny_retinaface(tmp_path / "detection_Resnet50_Final.pth", root / "photo.png")
     gen = ["generate", "--adapter", "pulid", "--face", "photo.png", "--face-root", "insightface", "-p", "x",
            "--method", "baseline", "--seed", "1", *TINY]
-    with caplog.at_level("INFO", logger="fastface.pipeline_pulid"):
+    with caplog.at_level("INFO", logger="fastface"):
         assert main([*gen, "--face-detector", str(det), "-o", "rf.png"]) == 0
     assert "aligned as upstream" in caplog.text and "differs from upstream" not in caplog.text
     with Image.open(root / "rf.png") as im:
@@ -306,7 +308,7 @@ def test_pulid_alignment_retinaface_or_keypoints(env, monkeypatch, caplog, tmp_p
                  "cpu", "--face-detector", str(det), "-o", "rf.safetensors"]) == 0
     assert load_pulid_face_file(root / "rf.safetensors").alignment == "retinaface"
     caplog.clear()
-    with caplog.at_level("WARNING", logger="fastface.pipeline_pulid"):
+    with caplog.at_level("WARNING", logger="fastface"):
         assert main([*gen, "-o", "kp.png"]) == 0
     assert "differs from upstream" in caplog.text and "--face-detector" in caplog.text
     with Image.open(root / "kp.png") as im:

@@ -26,7 +26,7 @@ from fastface.hub import WeightNotFoundError
 from fastface.models.tokenizer import write_vocab_folder
 from fastface.models.unet import UNet, get_unet_config
 from fastface.pipeline import METADATA_KEY, Pipeline
-from fastface.pipeline_loading import load_face_file, save_face_file
+from fastface.face_files import load_face_file, save_face_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_ip_adapter import make_image_proj, make_ip_adapter, save_flat_safetensors  # noqa: E402

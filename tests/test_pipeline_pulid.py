@@ -27,19 +27,23 @@ from fastface.adapters.pulid_faces import BiSeNet, PuLIDFacePreprocessor, load_b
 from fastface.hub import HubFile, WeightNotFoundError
 from fastface.models.loading import WeightFormatError
 from fastface.pipeline import METADATA_KEY, Pipeline
-from fastface.pipeline_loading import save_face_file
-from fastface.pipeline_pulid import (
-    ALIGN_KEYPOINTS,
-    ALIGN_RETINAFACE,
-    PuLIDIdentity,
+from fastface.adapters.pulid_adapter import (
+    BISENET_URL,
+    RETINAFACE_URL,
     find_face_detector,
     find_face_parser,
     load_eva,
-    load_pulid_face_file,
     open_pulid_preprocessor,
+)
+from fastface.adapters.pulid_identity import (
+    ALIGN_KEYPOINTS,
+    ALIGN_RETINAFACE,
+    PuLIDIdentity,
+    load_pulid_face_file,
     save_pulid_face_file,
 )
-from fastface.presets import ADAPTER_PRESETS, BISENET_URL, RETINAFACE_URL, get_adapter_preset, resolve_method
+from fastface.face_files import save_face_file
+from fastface.presets import ADAPTER_PRESETS, get_adapter_preset, resolve_method
 from fastface.selfcheck import tiny_face, write_tiny_weights
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -221,9 +225,9 @@ def test_inputs_pulid_cannot_use(env, tmp_path):
     for face in (tiny_face(), torch.randn(512), tmp_path / "emb.npy", tmp_path / "faceid.safetensors"):
         with pytest.raises(ValueError, match="PuLID needs photos or a PuLID face file"):
             pipe(PROMPT, face=face, **KW)
-    with pytest.raises(ValueError, match="PuLID .* has no LoRA"):
+    with pytest.raises(ValueError, match="lora_scale is an IP-Adapter option; PuLID has no LoRA"):
         pipe(PROMPT, face=env[2][0], lora_scale=0.5, **KW)
-    with pytest.raises(ValueError, match="unknown PuLID mode 'fast'"):
+    with pytest.raises(ValueError, match=r"mode must be one of fidelity, style, v1.1, plain, got 'fast'"):
         pipe(PROMPT, face=env[2][0], pulid_mode="fast", **KW)
     with pytest.raises(ValueError, match=r"EVA hidden state 0 must be|id_cond must be"):  # another EVA's shapes
         pipe(PROMPT, face=PuLIDIdentity(torch.randn(1, 1280), (torch.randn(1, 577, 1024),) * 5), **KW)
@@ -267,7 +271,7 @@ def test_missing_face_models_say_how_to_get_them(env, tmp_path, monkeypatch):
 
 
 def test_face_parser_is_downloaded_only_when_allowed(tmp_path, monkeypatch):
-    import fastface.pipeline_pulid as loading
+    import fastface.hub as loading
 
     calls = []
 
@@ -340,7 +344,7 @@ def test_retinaface_alignment_when_the_file_is_found(env, detector_file, tmp_pat
     from fastface.models.retinaface import RetinaFace
 
     w, face_root, photos = env
-    monkeypatch.setattr("fastface.pipeline_pulid._facexlib_weights_dir", lambda: None)
+    monkeypatch.setattr("fastface.hub._facexlib_weights_dir", lambda: None)
     with_det = _hand_built(env, RetinaFace.from_pretrained(detector_file))(photos[0])
     assert with_det.landmarks is not None
     without = _hand_built(env)(photos[0])
@@ -358,7 +362,7 @@ def test_retinaface_alignment_when_the_file_is_found(env, detector_file, tmp_pat
         pipe = load(env, "pulid", **kw)
         seen, hook = capture_id_tokens(pipe)
         caplog.clear()
-        with caplog.at_level("INFO", logger="fastface.pipeline_pulid"):
+        with caplog.at_level("INFO", logger="fastface"):
             out = pipe(PROMPT, face=photos[0], method="baseline", **KW)
         hook.remove()
         with torch.no_grad():
@@ -382,10 +386,10 @@ def test_keypoint_fallback_warns(env, monkeypatch, caplog, tmp_path):
     """No RetinaFace file: insightface keypoints (the hand-built detector=None path) and a warning saying how it
     differs from upstream and how to get the file."""
     w, face_root, photos = env
-    monkeypatch.setattr("fastface.pipeline_pulid._facexlib_weights_dir", lambda: None)
+    monkeypatch.setattr("fastface.hub._facexlib_weights_dir", lambda: None)
     pipe = load(env, "pulid")
     seen, hook = capture_id_tokens(pipe)
-    with caplog.at_level("WARNING", logger="fastface.pipeline_pulid"):
+    with caplog.at_level("WARNING", logger="fastface"):
         out = pipe(PROMPT, face=photos[0], method="baseline", **KW)
     hook.remove()
     inputs = _hand_built(env)(photos[0])
@@ -403,13 +407,13 @@ def test_keypoint_fallback_warns(env, monkeypatch, caplog, tmp_path):
     # an explicit path must exist; other adapters refuse the option
     with pytest.raises(WeightNotFoundError, match="nowhere.pth: no such RetinaFace file"):
         load(env, "pulid", face_detector=tmp_path / "nowhere.pth")(PROMPT, face=photos[0], **KW)
-    with pytest.raises(ValueError, match="face_detector are PuLID's face models"):
+    with pytest.raises(ValueError, match="face_detector is a PuLID option; adapter 'faceid' does not use it"):
         Pipeline.from_pretrained("hyper", "faceid", base=w.base, weights=w.lora, face_detector="x.pth",
                                  device="cpu", dtype="fp32")
 
 
 def test_face_detector_is_downloaded_only_when_allowed(tmp_path, monkeypatch, caplog):
-    import fastface.pipeline_pulid as pulid_loading
+    import fastface.hub as pulid_loading
 
     calls = []
 
@@ -426,7 +430,7 @@ def test_face_detector_is_downloaded_only_when_allowed(tmp_path, monkeypatch, ca
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     assert find_face_detector(preset, tmp_path) is None and calls == []
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with caplog.at_level("WARNING", logger="fastface.pipeline_pulid"):
+    with caplog.at_level("WARNING", logger="fastface"):
         assert find_face_detector(preset, tmp_path, download=True) is None
     assert "HF_HUB_OFFLINE is set" in caplog.text and calls == []
     monkeypatch.delenv("HF_HUB_OFFLINE")
@@ -439,7 +443,7 @@ def test_face_detector_is_downloaded_only_when_allowed(tmp_path, monkeypatch, ca
 
     monkeypatch.setattr(pulid_loading, "_download_url", failing)
     caplog.clear()
-    with caplog.at_level("WARNING", logger="fastface.pipeline_pulid"):  # optional: a failed download falls back
+    with caplog.at_level("WARNING", logger="fastface"):  # optional: a failed download falls back
         assert find_face_detector(preset, tmp_path / "other", download=True) is None
     assert "The download failed (OSError: no network)" in caplog.text
     with pytest.raises(ValueError, match="face_detector must be the URL or file name"):

@@ -476,7 +476,7 @@ class SDXLTextConditioner:
         if not root.is_dir():
             raise WeightFormatError(f"{root}: no such folder (expected a diffusers SDXL pipeline folder)")
         if force_zeros_for_empty_prompt is None:
-            force_zeros_for_empty_prompt = _read_force_zeros(root / "model_index.json")
+            force_zeros_for_empty_prompt = read_force_zeros(root / "model_index.json")
         return cls(
             CLIPTokenizer.from_folder(root / "tokenizer"),
             CLIPTokenizer.from_folder(root / "tokenizer_2"),
@@ -514,7 +514,7 @@ def _as_list(value: str | Sequence[str], name: str, batch: int | None = None) ->
     return items
 
 
-def _read_force_zeros(model_index: Path) -> bool:
+def read_force_zeros(model_index: Path) -> bool:
     """``force_zeros_for_empty_prompt`` from a pipeline's model_index.json (diffusers' default True if absent)."""
     if not model_index.is_file():
         return True
@@ -527,5 +527,5 @@ def _read_force_zeros(model_index: Path) -> bool:
 __all__ = [
     "CLIPTextConfig", "TEXT_CONFIGS", "text_config", "CLIPTextEncoder", "TextEncoderOutput", "build_text_encoder",
     "config_from_transformers", "load_text_encoder", "clip_l_state_from_sgm", "bigg_state_from_openclip",
-    "load_text_encoders_from_single_file", "SDXLPromptEmbeds", "SDXLTextConditioner", "sdxl_time_ids",
+    "load_text_encoders_from_single_file", "SDXLPromptEmbeds", "SDXLTextConditioner", "sdxl_time_ids", "read_force_zeros",
 ]
