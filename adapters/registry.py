@@ -85,14 +85,21 @@ def get_entry(name: str | AdapterPreset) -> AdapterEntry:
     return _REGISTRY[name]
 
 
-def adapter_names() -> list[str]:
+def _ordered() -> list[AdapterEntry]:
+    """The entries with the built-in adapters first, in the order of ``_BUILTIN_MODULES``, then the others as
+    registered: the same order whichever adapter module a program imports first (the order decides, for
+    example, in which order ``selfcheck`` draws each adapter's tiny random weights)."""
     _builtins()
-    return list(_REGISTRY)
+    rank = {module: i for i, module in enumerate(_BUILTIN_MODULES)}
+    return sorted(_REGISTRY.values(), key=lambda e: rank.get(e.adapter.__module__, len(rank)))
+
+
+def adapter_names() -> list[str]:
+    return [entry.name for entry in _ordered()]
 
 
 def entries() -> list[AdapterEntry]:
-    _builtins()
-    return list(_REGISTRY.values())
+    return _ordered()
 
 
 class _Presets(Mapping):
@@ -104,7 +111,7 @@ class _Presets(Mapping):
 
     def __iter__(self) -> Iterator[str]:
         _builtins()
-        return iter(list(_REGISTRY))
+        return iter(adapter_names())
 
     def __len__(self) -> int:
         _builtins()

@@ -18,7 +18,8 @@ from safetensors.torch import save_file
 
 from fastface.adapters.faceid import FaceIDProjConfig, build_projection
 from fastface.models.unet import UNet, get_unet_config
-from fastface.selfcheck import _ip_adapter, write_tiny_weights
+from fastface.adapters.faceid_adapter import _ip_adapter_weights as _ip_adapter
+from fastface.selfcheck import write_tiny_weights
 
 sys.path.insert(0, str(Path(__file__).parent))
 import onnx_face_models  # noqa: E402  (needs the onnx package of the test extra)
