@@ -30,6 +30,7 @@ evaluation sweep.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -58,7 +59,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "FACE_EXTENSIONS", "BatchTask", "BatchResult", "BatchConflictError", "plan_batch", "run_batch",
-    "add_batch_arguments", "run_batch_from_args", "pipeline_from_args", "format_summary",
+    "add_batch_arguments", "is_batch", "run_batch_from_args", "pipeline_from_args", "format_summary",
+    "print_summary", "write_summary",
 ]
 
 FACE_EXTENSIONS = (*IMAGE_EXTENSIONS, ".npy", ".safetensors")  # photos and face files
@@ -121,7 +123,7 @@ def _request(task: BatchTask, settings: Mapping[str, Any]) -> dict[str, Any]:
 def _differences(found: Any, wanted: Mapping[str, Any]) -> str:
     """What differs between a stored request and the wanted one, in a few words."""
     if not isinstance(found, dict):
-        return "not an image of a fastface batch (no batch request in its metadata)"
+        return "not a readable image of a fastface batch (no batch request in its metadata)"
     keys = [k for k in wanted if k != "settings" and found.get(k) != wanted[k]]
     s_found, s_wanted = found.get("settings") or {}, wanted["settings"]
     keys += [f"settings.{k}" for k in sorted(set(s_found) | set(s_wanted)) if s_found.get(k) != s_wanted.get(k)]
@@ -266,6 +268,19 @@ def write_summary(result: BatchResult, path: str | os.PathLike) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1), encoding="utf-8"))
 
 
+def print_summary(result: BatchResult, summary: str | os.PathLike | None = None) -> None:
+    """Rank 0: the per-rank and total lines on stdout (and the JSON of :func:`write_summary` in ``summary``);
+    other ranks: their own line on stderr."""
+    import sys
+
+    if result.ranks is None:
+        print(format_summary(result), file=sys.stderr, flush=True)
+        return
+    print(format_summary(result), flush=True)
+    if summary:
+        write_summary(result, summary)
+
+
 # ---- command line -------------------------------------------------------------------------------------------
 
 
@@ -383,8 +398,6 @@ def run_batch_from_args(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m fastface.batch``: ``fastface generate``'s options with the batch options (see the module doc)."""
-    import sys
-
     from fastface import cli
     from fastface.threads import tiny_work
 
@@ -408,10 +421,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.guidance is not None:
             options["guidance"] = args.guidance
         sampler_params = cli._pairs(args.sampler_param, "--sampler-param") or None
-        if args.selfcheck_weights:
-            with tiny_work():
-                result = run_batch_from_args(args, method_options=options, sampler_params=sampler_params)
-        else:
+        with tiny_work() if args.selfcheck_weights else contextlib.nullcontext():  # tiny models: one thread
             result = run_batch_from_args(args, method_options=options, sampler_params=sampler_params)
     except cli.CLIError as exc:
         return cli._fail(exc.code, str(exc))
@@ -419,12 +429,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from fastface.models.loading import WeightFormatError
 
         return cli._fail(cli.EXIT_WEIGHTS if isinstance(exc, WeightFormatError) else cli.EXIT_USAGE, str(exc))
-    if result.ranks is not None:
-        print(format_summary(result), flush=True)
-        if args.summary:
-            write_summary(result, args.summary)
-    else:
-        print(format_summary(result), file=sys.stderr, flush=True)
+    except KeyboardInterrupt:
+        return cli._fail(130, "interrupted (finished images are kept; run again to resume)")
+    print_summary(result, args.summary)
     return cli.EXIT_FACE if result.failed else cli.EXIT_OK
 
 

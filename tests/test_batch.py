@@ -129,7 +129,7 @@ def test_files_made_otherwise_are_refused_unless_overwrite(tmp_path, capsys):
 
     path.write_bytes(b"not a png")  # a foreign file is refused too
     assert main(_args(prompts, faces, out)) == 2
-    assert "not an image of a fastface batch" in capsys.readouterr().err and path.read_bytes() == b"not a png"
+    assert "not a readable image of a fastface batch" in capsys.readouterr().err and path.read_bytes() == b"not a png"
 
     assert main(_args(prompts, faces, out, "--overwrite", "--summary", str(tmp_path / "s.json"))) == 0
     assert _summary(tmp_path / "s.json")["total"]["generated"] == 1
