@@ -74,6 +74,10 @@ class BatchConflictError(ValueError):
     """Existing output files record another request (or are not fastface images) and ``overwrite`` is off."""
 
 
+class _FaceFailed(Exception):
+    """An identity whose face cannot be read (its images fail; the batch goes on)."""
+
+
 @dataclass(frozen=True)
 class BatchTask:
     """Image ``index`` of a batch: ``prompt`` for ``identity`` with ``seed``, written to ``image`` (relative)."""
@@ -102,10 +106,11 @@ class BatchResult:
 def plan_batch(identities: Sequence[Identity], prompts: Sequence[str], base_seed: int = 0,
                faces_dir: str | os.PathLike | None = None) -> list[BatchTask]:
     """Every image of a batch, numbered identities outer, prompts inner (the order does not affect any image)."""
+    root = Path(faces_dir).expanduser() if faces_dir is not None else None
     tasks = []
     for identity in identities:
         files = identity_files(identity.path, FACE_EXTENSIONS)
-        rel = tuple(os.path.relpath(f, faces_dir) if faces_dir is not None else f.name for f in files)
+        rel = tuple(os.path.relpath(f, root) if root is not None else f.name for f in files)
         for prompt in prompts:
             seed = derive_seed(identity.name, prompt, base_seed)
             image = f"{identity.name}/{prompt_slug(prompt)}-{seed}.png"
@@ -131,15 +136,15 @@ def _differences(found: Any, wanted: Mapping[str, Any]) -> str:
 
 
 def _existing(tasks: Sequence[BatchTask], out: Path, settings: Mapping[str, Any]) -> tuple[set[int], dict[int, str]]:
-    """Indices of the finished tasks, and the conflicting ones with the reason."""
+    """Indices of the finished tasks, and the conflicting ones with the reason (a folder in the way: an error)."""
     from fastface.pipeline import METADATA_KEY
 
     done, conflicts = set(), {}
     for task in tasks:
         path = out / task.image
         if path.is_dir():
-            conflicts[task.index] = "a folder is in the way"
-        elif path.exists():
+            raise ValueError(f"{path}: a folder is where this image goes; move it away or choose another --out-dir")
+        if path.exists():
             wanted = _request(task, settings)
             found = read_png_json(path, METADATA_KEY).get(REQUEST_KEY)
             if found == wanted:
@@ -206,17 +211,14 @@ def run_batch(
     pipe: list[Any] = []
     faces: dict[str, Any] = {}
 
-    class FaceFailed(Exception):
-        pass
-
     def face_of(task: BatchTask) -> Any:
         name = task.identity.name
         if name not in faces:
             try:
                 faces[name] = pipe[0].identity([str(faces_dir / f) for f in task.files])
             except ValueError as exc:  # no face found, unreadable photo or face file
-                faces[name] = FaceFailed(f"identity {name!r}: {exc}")
-        if isinstance(faces[name], FaceFailed):
+                faces[name] = _FaceFailed(f"identity {name!r}: {exc}")
+        if isinstance(faces[name], _FaceFailed):
             raise faces[name]
         return faces[name]
 
@@ -232,7 +234,7 @@ def run_batch(
 
     try:
         summary = run_each(mine, one, desc=f"rank {info.rank}/{info.world_size}", position=info.rank,
-                           progress=progress, rank=info.rank, catch=(FaceFailed,), name=lambda t: t.image)
+                           progress=progress, rank=info.rank, catch=(_FaceFailed,), name=lambda t: t.image)
         summary.counts = {k: summary.count(k) for k in ("generated", "skipped", "failed")}
         gathered = ranks.gather(summary)
     except BaseException:

@@ -33,8 +33,8 @@ from typing import Any, NamedTuple, TypeVar
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "RankInfo", "rank_info", "rank_device", "Ranks", "join_ranks", "shard", "prompt_slug", "atomic_write", "save_png_json",
-    "read_png_json", "RankSummary", "run_each", "total",
+    "RankInfo", "rank_info", "rank_device", "Ranks", "join_ranks", "shard", "prompt_slug", "atomic_write",
+    "save_png_json", "read_png_json", "RankSummary", "run_each", "total",
 ]
 
 T = TypeVar("T")
@@ -228,17 +228,19 @@ def run_each(
     start = time.perf_counter()
     bar = tqdm(tasks, desc=desc, position=position, disable=(not progress) if progress is not None else None,
                dynamic_ncols=True)
-    for task in bar:
-        try:
-            outcome = work(task)
-        except catch as exc:
-            outcome = "failed"
-            reason = " ".join(str(exc).split()) or type(exc).__name__
-            failures.append((name(task), reason))
-            logger.error("%s: %s failed: %s", desc, name(task), reason)
-        counts[outcome] += 1
-        bar.set_postfix(dict(counts), refresh=False)
-    bar.close()
+    try:
+        for task in bar:
+            try:
+                outcome = work(task)
+            except catch as exc:
+                outcome = "failed"
+                reason = " ".join(str(exc).split()) or type(exc).__name__
+                failures.append((name(task), reason))
+                logger.error("%s: %s failed: %s", desc, name(task), reason)
+            counts[outcome] += 1
+            bar.set_postfix(dict(counts), refresh=False)
+    finally:
+        bar.close()
     return RankSummary(rank, dict(counts), failures, time.perf_counter() - start)
 
 

@@ -174,6 +174,10 @@ def test_out_dir_that_is_a_file_and_missing_batch_options(tmp_path, capsys):
     assert "the output folder is a file" in capsys.readouterr().err
     assert main(["--selfcheck-weights", "--prompts-file", str(prompts), "--out-dir", str(tmp_path / "o")]) == 2
     assert "missing: --faces-dir" in capsys.readouterr().err
+    (task,) = plan_batch(load_identities(faces, (".safetensors",)), ["a photo"], 0, faces)
+    (tmp_path / "o" / task.image).mkdir(parents=True)
+    assert main(_args(prompts, faces, tmp_path / "o")) == 2
+    assert f"{tmp_path / 'o' / task.image}: a folder is where this image goes" in capsys.readouterr().err
 
 
 def test_plan_seeds_and_names_do_not_depend_on_order_or_sharding(tmp_path):
