@@ -54,12 +54,13 @@ from fastface.jobs import (
     shard,
     total,
 )
+from fastface.threads import tiny_work
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "FACE_EXTENSIONS", "BatchTask", "BatchResult", "BatchConflictError", "plan_batch", "run_batch",
-    "add_batch_arguments", "is_batch", "run_batch_from_args", "pipeline_from_args", "format_summary",
+    "add_batch_arguments", "is_batch", "batch_mode", "run_batch_from_args", "pipeline_from_args", "format_summary",
     "print_summary", "write_summary",
 ]
 
@@ -311,6 +312,18 @@ def is_batch(args: argparse.Namespace) -> bool:
     return any(getattr(args, k, None) for k in ("prompts_file", "faces_dir", "out_dir"))
 
 
+def batch_mode(args: argparse.Namespace) -> bool:
+    """True for a batch (any batch option given); for a single image, checks that --prompt and --face are there
+    (ValueError naming the missing ones otherwise)."""
+    if is_batch(args):
+        return True
+    missing = [flag for flag, dest in (("--prompt", "prompt"), ("--face", "face")) if not getattr(args, dest, None)]
+    if missing:
+        raise ValueError(f"the following arguments are required: {', '.join(missing)} (or, for a batch: "
+                         "--prompts-file, --faces-dir and --out-dir)")
+    return False
+
+
 def _selfcheck_pipeline(args: argparse.Namespace, device: str) -> Any:
     from fastface.pipeline import Pipeline
     from fastface.selfcheck import write_tiny_weights
@@ -392,16 +405,16 @@ def run_batch_from_args(
             "sampler": args.sampler, "sampler_params": dict(sampler_params) if sampler_params else None,
             "pulid_mode": args.pulid_mode, "id_mix": bool(args.id_mix), **dict(method_options or {})}
     device = rank_device(args.device, rank_info().local_rank)
-    return run_batch(tasks, args.out_dir, lambda dev: make_pipeline(args, dev), faces_dir=args.faces_dir,
-                     call_options=call, settings=batch_settings(args, call, device), device=device,
-                     overwrite=args.overwrite, progress=False if args.no_progress else None,
-                     timeout_min=args.dist_timeout_min)
+    with tiny_work() if selfcheck else contextlib.nullcontext():  # tiny models run fastest on one thread
+        return run_batch(tasks, args.out_dir, lambda dev: make_pipeline(args, dev), faces_dir=args.faces_dir,
+                         call_options=call, settings=batch_settings(args, call, device), device=device,
+                         overwrite=args.overwrite, progress=False if args.no_progress else None,
+                         timeout_min=args.dist_timeout_min)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m fastface.batch``: ``fastface generate``'s options with the batch options (see the module doc)."""
     from fastface import cli
-    from fastface.threads import tiny_work
 
     parser = cli.build_parser()
     gen = next(a for a in parser._subparsers._group_actions if isinstance(a, argparse._SubParsersAction))
@@ -423,8 +436,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.guidance is not None:
             options["guidance"] = args.guidance
         sampler_params = cli._pairs(args.sampler_param, "--sampler-param") or None
-        with tiny_work() if args.selfcheck_weights else contextlib.nullcontext():  # tiny models: one thread
-            result = run_batch_from_args(args, method_options=options, sampler_params=sampler_params)
+        result = run_batch_from_args(args, method_options=options, sampler_params=sampler_params)
     except cli.CLIError as exc:
         return cli._fail(exc.code, str(exc))
     except ValueError as exc:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fastface.batch import BatchTask, main, plan_batch
+from fastface.batch import BatchTask, batch_mode, main, plan_batch
 from fastface.eval.data import Identity, load_identities
 from fastface.jobs import RankInfo, atomic_write, rank_info, read_png_json, run_each, save_png_json, shard, total
 from fastface.pipeline_loading import save_face_file
@@ -251,3 +251,12 @@ def test_run_each_counts_outcomes_and_catches_only_the_given_errors():
     assert total([s, s]).counts == {"generated": 4, "failed": 2, "skipped": 2}
     with pytest.raises(KeyError):
         run_each(tasks, work, progress=False)
+
+
+def test_batch_mode_tells_a_batch_from_a_single_image():
+    from argparse import Namespace
+
+    assert batch_mode(Namespace(prompts_file="p.txt", faces_dir=None, out_dir=None, prompt=None, face=None))
+    assert not batch_mode(Namespace(prompts_file=None, faces_dir=None, out_dir=None, prompt="x", face=["a.png"]))
+    with pytest.raises(ValueError, match="required: --face .or, for a batch: --prompts-file, --faces-dir"):
+        batch_mode(Namespace(prompts_file=None, faces_dir=None, out_dir=None, prompt="x", face=None))
