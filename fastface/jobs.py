@@ -70,12 +70,13 @@ def rank_info() -> RankInfo:
 
 
 def rank_device(device: str | None, local_rank: int) -> str:
-    """``device`` if given, else ``cuda:LOCAL_RANK`` when CUDA is available, else ``cpu``."""
+    """The device of a rank: ``device`` if given with an index or of another type; ``cuda:LOCAL_RANK`` for a bare
+    ``cuda`` (each rank its own GPU), or when none is given and CUDA is available; else ``cpu``."""
     import torch
 
-    if device:
-        return device
-    return f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" or (not device and torch.cuda.is_available()):
+        return f"cuda:{local_rank}"
+    return device or "cpu"
 
 
 class Ranks:

@@ -16,7 +16,17 @@ from PIL import Image
 
 from fastface.batch import BatchTask, batch_mode, main, plan_batch
 from fastface.eval.data import Identity, load_identities
-from fastface.jobs import RankInfo, atomic_write, rank_info, read_png_json, run_each, save_png_json, shard, total
+from fastface.jobs import (
+    RankInfo,
+    atomic_write,
+    rank_device,
+    rank_info,
+    read_png_json,
+    run_each,
+    save_png_json,
+    shard,
+    total,
+)
 from fastface.pipeline_loading import save_face_file
 from fastface.selfcheck import tiny_face
 
@@ -260,3 +270,11 @@ def test_batch_mode_tells_a_batch_from_a_single_image():
     assert not batch_mode(Namespace(prompts_file=None, faces_dir=None, out_dir=None, prompt="x", face=["a.png"]))
     with pytest.raises(ValueError, match="required: --face .or, for a batch: --prompts-file, --faces-dir"):
         batch_mode(Namespace(prompts_file=None, faces_dir=None, out_dir=None, prompt="x", face=None))
+
+
+def test_rank_device_gives_each_rank_its_gpu():
+    import torch
+
+    assert rank_device("cuda", 3) == "cuda:3"  # a bare "cuda" under torchrun: one GPU per rank, not all on GPU 0
+    assert rank_device("cuda:1", 3) == "cuda:1" and rank_device("cpu", 3) == "cpu"
+    assert rank_device(None, 2) == ("cuda:2" if torch.cuda.is_available() else "cpu")
