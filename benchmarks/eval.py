@@ -22,10 +22,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from collections.abc import Sequence
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +42,7 @@ from benchmarks.eval_sweep import (
 from fastface.eval.data import EvalSet, load_eval_set
 from fastface.eval.metrics import DEFAULT_METRICS, MetricModels, MetricSuite, parse_metrics
 from fastface.eval.report import METHOD_LABELS, aggregate, image_grid, plot_pareto_fronts, write_rows, write_table
+from fastface.jobs import join_ranks, rank_device, rank_info
 
 logger = logging.getLogger("benchmarks.eval")
 
@@ -103,18 +102,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _dist_env() -> tuple[int, int, int]:
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
-
-
-def _device(args: argparse.Namespace, local_rank: int) -> str:
-    import torch
-
-    if args.device:
-        return args.device
-    return f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-
-
 def write_grids(tasks: Sequence[Task], out: Path, methods: Sequence[str], rows_per_grid: int, tile: int) -> list[Path]:
     """One grid per (preset, adapter, LoRA scale, steps, ip scale) with at least two of ``methods``: reference face
     then each method, for ``rows_per_grid`` (identity, prompt) pairs spread over the set."""
@@ -163,7 +150,7 @@ def write_reports(rows: Sequence[dict[str, Any]], tasks: Sequence[Task], out: Pa
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    rank, world, local_rank = _dist_env()
+    rank, world, local_rank = rank_info()
     logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(levelname)s %(name)s: %(message)s")
     out = Path(args.out).expanduser()
     eval_set: EvalSet = load_eval_set(args.data, args.prompts, args.subset)
@@ -172,19 +159,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     configs: list[Config] = make_configs(args.presets, args.adapters, args.methods, args.ip_scales,
                                          args.lora_scales or [None], args.steps)
     tasks = plan(eval_set, configs, args.seed)
-    device = _device(args, local_rank)
+    device = rank_device(args.device, local_rank)
 
-    group = None
-    if world > 1:
-        import torch
-        import torch.distributed as dist
-
-        timeout = timedelta(minutes=args.dist_timeout_min)
-        backend = "nccl" if device.startswith("cuda") else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(torch.device(device))
-        dist.init_process_group(backend, timeout=timeout)
-        group = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else None
+    ranks = join_ranks(device, args.dist_timeout_min)
     mine = shard(tasks, rank, world)
     logger.info("%d identities x %d prompts x %d configurations = %d images; this rank: %d on %s",
                 len(eval_set.identities), len(eval_set.prompts), len(configs), len(tasks), len(mine), device)
@@ -205,16 +182,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = run_tasks(mine, out, generator, suite, progress=False if args.no_progress else None,
                      desc=f"rank {rank}/{world}", position=rank)
 
-    if world > 1:
-        import torch.distributed as dist
-
-        gathered: list | None = [None] * world if rank == 0 else None
-        dist.gather_object(rows, gathered, dst=0, group=group)
-        if rank == 0:
-            rows = [r for part in gathered for r in part]
-        dist.barrier(group=group)
-        dist.destroy_process_group()
+    gathered = ranks.gather(rows)
+    ranks.close()
     if rank == 0:
+        rows = [r for part in gathered for r in part]
         written = write_reports(rows, tasks, out, args)
         (out / "run.json").write_text(json.dumps({"argv": list(argv if argv is not None else sys.argv[1:]),
                                                   "world_size": world, "images": len(rows)}, indent=1))

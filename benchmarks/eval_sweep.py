@@ -19,7 +19,6 @@ import json
 import logging
 import math
 import os
-import re
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -28,11 +27,18 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image
-from PIL.PngImagePlugin import PngInfo
 
 from fastface.eval.data import EvalItem, EvalSet, Identity
 from fastface.eval.metrics import MetricSuite
 from fastface.eval.seeding import SEED_RULE, derive_seed
+from fastface.jobs import (  # noqa: F401 (prompt_slug, shard: part of this module's API)
+    atomic_write,
+    prompt_slug,
+    read_png_json,
+    run_each,
+    save_png_json,
+    shard,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -124,12 +130,6 @@ class Task:
     image: str
 
 
-def prompt_slug(prompt: str, limit: int = 60) -> str:
-    """A file-name-safe, unique stem for a prompt: its first words plus 10 hex digits of its sha256."""
-    words = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:limit].strip("-") or "prompt"
-    return f"{words}-{hashlib.sha256(prompt.encode('utf-8')).hexdigest()[:10]}"
-
-
 def plan(eval_set: EvalSet, configs: Sequence[Config], base_seed: int = 0) -> list[Task]:
     """Every task of a sweep, numbered in a fixed order (configurations outer, then identities, then prompts)."""
     tasks = []
@@ -141,13 +141,6 @@ def plan(eval_set: EvalSet, configs: Sequence[Config], base_seed: int = 0) -> li
     return tasks
 
 
-def shard(tasks: Sequence[Task], rank: int, world_size: int) -> list[Task]:
-    """The tasks of one rank: index % world_size == rank."""
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is outside world size {world_size}")
-    return [t for t in tasks if t.index % world_size == rank]
-
-
 def base_row(task: Task) -> dict[str, Any]:
     """The identifying columns of a task's row."""
     c = task.config
@@ -155,32 +148,14 @@ def base_row(task: Task) -> dict[str, Any]:
             "prompt": task.item.prompt, "subset": task.item.subset, "seed": task.seed, "image": task.image}
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_image(image: Image.Image, path: Path, meta: dict[str, Any]) -> None:
     """Save a PNG atomically (a killed run never leaves a truncated file) with ``meta`` as JSON in its text chunk."""
-    info = PngInfo()
-    info.add_text(PNG_KEY, json.dumps(meta, sort_keys=True))
-    _atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
+    save_png_json(image, path, PNG_KEY, meta)
 
 
 def read_png_meta(path: Path) -> dict[str, Any]:
     """The ``fastface_eval`` JSON of a sweep PNG ({} if absent or unreadable)."""
-    try:
-        with Image.open(path) as im:
-            return json.loads(im.text.get(PNG_KEY, "{}"))
-    except (OSError, ValueError):
-        return {}
+    return read_png_json(path, PNG_KEY)
 
 
 def _kept_scores(old: dict[str, Any], names: Sequence[str]) -> dict[str, Any]:
@@ -205,14 +180,11 @@ def run_tasks(
 
     ``generator`` None scores existing images only (missing ones are skipped with a warning).
     """
-    from tqdm.auto import tqdm
-
     out = Path(out)
     names = list(metrics.metrics) if metrics is not None else []
     rows = []
-    reused = generated = 0
-    for task in tqdm(tasks, desc=desc, position=position, disable=(not progress) if progress is not None else None,
-                     dynamic_ncols=True):
+
+    def one(task: Task) -> str:
         png, side = out / task.image, (out / task.image).with_suffix(".json")
         row = base_row(task)
         if side.is_file():
@@ -222,8 +194,8 @@ def run_tasks(
                 old = {}
             if png.is_file() and old.get("seed") == task.seed and set(names) <= set(old.get("metrics", [])):
                 rows.append({**row, **_kept_scores(old, names), "metrics": names})
-                reused += 1
-                continue
+                return "reused"
+        outcome = "scored"
         if png.is_file():
             meta = read_png_meta(png)
             if meta.get("seed") != task.seed:
@@ -234,21 +206,25 @@ def run_tasks(
                 image = im.convert("RGB")
         elif generator is None:
             logger.warning("%s: missing and generation is off; skipped", png)
-            continue
+            return "missing"
         else:
             req = Request(task.config, task.item.identity, task.item.prompt, task.seed)
             t0 = time.perf_counter()
             image = generator(req)
             time_s = time.perf_counter() - t0
             save_image(image, png, {**base_row(task), "time_s": time_s, "seed_rule": SEED_RULE})
-            generated += 1
+            outcome = "generated"
         row["time_s"] = time_s
         if metrics is not None:
             row.update(metrics.score(image, task.item.prompt, task.item.identity.path))
         row["metrics"] = names
-        _atomic_write(side, lambda tmp, r=row: tmp.write_text(json.dumps(r, indent=1), encoding="utf-8"))
+        atomic_write(side, lambda tmp, r=row: tmp.write_text(json.dumps(r, indent=1), encoding="utf-8"))
         rows.append(row)
-    logger.info("%s: %d task(s): %d generated, %d reused", desc, len(tasks), generated, reused)
+        return outcome
+
+    done = run_each(tasks, one, desc=desc, position=position, progress=progress)
+    logger.info("%s: %d task(s): %d generated, %d reused", desc, len(tasks), done.count("generated"),
+                done.count("reused"))
     return rows
 
 

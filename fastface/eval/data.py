@@ -38,6 +38,8 @@ __all__ = [
     "load_diversebench",
     "load_face_folder",
     "load_eval_set",
+    "load_identities",
+    "identity_files",
 ]
 
 STYLE_SEPARATOR = ";"
@@ -162,21 +164,46 @@ def _unique(prompts: Iterable[str], source: str) -> list[str]:
     return list(seen)
 
 
-def _identities(folder: Path, extensions: Sequence[str]) -> tuple[Identity, ...]:
+def _identities(folder: Path, extensions: Sequence[str], subfolders: bool = False) -> tuple[Identity, ...]:
     if not folder.is_dir():
         raise ValueError(f"{folder}: no such folder of identity photos")
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in extensions)
+    if subfolders:  # a subfolder holding at least one such file is one identity (several photos of one person)
+        files = sorted([*files, *(p for p in folder.iterdir() if p.is_dir() and identity_files(p, extensions))])
     if not files:
-        raise ValueError(f"{folder}: no identity photos ({', '.join(extensions)}) found")
+        raise ValueError(f"{folder}: no identity photos ({', '.join(extensions)}) found"
+                         + (" (neither as files nor in subfolders)" if subfolders else ""))
     names: dict[str, Path] = {}
     for f in files:
-        if f.stem in names:
+        name = f.name if f.is_dir() else f.stem
+        if name in names:
             raise ValueError(
-                f"{folder}: two photos share the identity name {f.stem!r} ({names[f.stem].name}, {f.name}); "
-                "the file stem names the identity, so rename one (several photos of one person are not supported here)"
+                f"{folder}: two photos share the identity name {name!r} ({names[name].name}, {f.name}); "
+                "the file stem names the identity, so rename one "
+                + ("(several photos of one person go in one subfolder)" if subfolders
+                   else "(several photos of one person are not supported here)")
             )
-        names[f.stem] = f
+        names[name] = f
     return tuple(Identity(n, p) for n, p in names.items())
+
+
+def identity_files(path: str | os.PathLike, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> list[Path]:
+    """The files of one identity: ``[path]`` for a file, else the files of folder ``path`` with one of the
+    ``extensions``, sorted by name."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    exts = tuple(e.lower() for e in extensions)
+    return sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in exts) if path.is_dir() else []
+
+
+def load_identities(
+    folder: str | os.PathLike, extensions: Sequence[str] = IMAGE_EXTENSIONS, subfolders: bool = True
+) -> tuple[Identity, ...]:
+    """The identities of a folder, sorted by name: each file with one of the ``extensions`` is one identity named
+    by its stem, and (``subfolders``) each subfolder holding such files is one identity named by the folder (all
+    its files are that person). A name given twice is an error."""
+    return _identities(Path(folder).expanduser(), tuple(e.lower() for e in extensions), subfolders)
 
 
 def load_diversebench(root: str | os.PathLike, subset: Subset = "full") -> EvalSet:
