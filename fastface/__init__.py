@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 
+from fastface.compile import compile_unet
 from fastface.hooks import FastFace, attach
 from fastface.models.unet import UNet, UNetConfig
 from fastface.models.unet_loading import load_unet
@@ -15,7 +16,7 @@ __version__ = "0.1.0"
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
-__all__ = ["FastFace", "Pipeline", "UNet", "UNetConfig", "__version__", "attach", "load_unet"]
+__all__ = ["FastFace", "Pipeline", "UNet", "UNetConfig", "__version__", "attach", "compile_unet", "load_unet"]
 
 
 def __getattr__(name: str):

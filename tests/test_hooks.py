@@ -11,7 +11,8 @@ import torch
 
 import fastface
 from fastface.am import AM1Config, AM2Config
-from fastface.dcg import DCG_CONFIGS, DCGConfig, StepSchedule
+from fastface import dcg
+from fastface.dcg import DCG_CONFIGS, Branch, DCGConfig, StepSchedule
 from fastface.hooks import attach
 from fastface.models.attention import IdentityAttention
 from fastface.models.unet import UNet, get_unet_config
@@ -141,17 +142,24 @@ def test_branch_skipping_equals_full_computation(unet: UNet) -> None:
 
 
 def test_device_gather_path_matches_host_path(unet: UNet) -> None:
+    """The device coefficients (0-dim tensors gathered at a device step index) guide like the host floats."""
     inp = inputs(1)
     with attach(unet, dcg="paper", null_id=NULL_ID, timesteps=TS) as h:
         h.keep_all = True
+        tab = h.plan.tables("cpu")
         for step in range(4):
             preds = {}
             for br, (tx, idn) in zip(DCG_CONFIGS["paper"].branches, [(False, False), (False, True), (True, True)]):
                 h.remove()
                 preds[br] = branch(unet, inp, TS[step], tx, idn)
             host = DCG_CONFIGS["paper"].guide(preds, step, 4)
-            dev = h._guide_device(preds, torch.tensor(step), torch.device("cpu"))
+            c = tab.gather(tab.step_of(torch.tensor(TS[step])))
+            dev = dcg.guide(preds, c.alpha, c.beta, DCG_CONFIGS["paper"].rescale)
             assert rel(dev, host) < 1e-6
+            # the union without (∅,∅) at the steps where its weight is 0 (α = 1)
+            if step in (0, 3):
+                sub = {b: p for b, p in preds.items() if b is not Branch.UNCOND}
+                assert rel(dcg.guide(sub, c.alpha, c.beta, DCG_CONFIGS["paper"].rescale), host) < 1e-6
 
 
 def test_remove_restores_bit_identical_outputs(unet: UNet) -> None:

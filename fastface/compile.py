@@ -1,0 +1,57 @@
+"""torch.compile for a UNet with FastFace hooks: ``unet_c = fastface.compile_unet(unet)``, then call ``unet_c``.
+
+The hooks (DCG batch expansion and combination, AM on the identity attention) are traced into the UNet's graph
+with no graph break. Before each compiled call the wrapper resolves the call's step on the host (the timestep the
+sampler passes is a host number or CPU tensor: reading it costs no device sync) and hands the compiled graph the
+branch set (guarded: one graph per distinct branch set) and the step's coefficients as tensors (graph inputs: no
+recompile when they change). A 4-step run therefore compiles once per distinct branch set of its schedule.
+
+Hooks may be attached and removed after compiling: dynamo guards on the modules' hook dictionaries, so the next
+call recompiles for the new hooks (or reuses the graph cached for them). A plain ``torch.compile(unet)`` works too:
+then the step is looked up inside the graph, as for an accelerator timestep (the union of the schedule's branches
+is computed at every step, so DCG without AM2 evaluates more branches than the wrapper does).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from fastface.hooks import attached
+
+__all__ = ["CompiledUNet", "compile_unet"]
+
+
+class CompiledUNet(nn.Module):
+    """A compiled UNet that resolves the FastFace step on the host before each call (see :func:`compile_unet`).
+
+    ``.unet`` is the original (eager) module; parameters are shared, so attaching FastFace to ``.unet`` (before or
+    after compiling) is what the compiled calls run.
+    """
+
+    def __init__(self, unet: nn.Module, **compile_kwargs: Any) -> None:
+        super().__init__()
+        self.compiled = torch.compile(unet, **compile_kwargs)
+
+    @property
+    def unet(self) -> nn.Module:
+        return self.compiled._orig_mod
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        handle = attached(self.unet)
+        if handle is not None:
+            kwargs = handle.prepare_call(args, kwargs)
+        return self.compiled(*args, **kwargs)
+
+
+def compile_unet(unet: nn.Module, **compile_kwargs: Any) -> CompiledUNet:
+    """``torch.compile`` a UNet for use with FastFace hooks; keyword arguments go to :func:`torch.compile`.
+
+    Call the returned module like the UNet. The FastFace handle attached to ``unet`` (now or later) is honoured on
+    every call: the branches skipped per step and the evaluation counts are those of the eager UNet.
+    """
+    if isinstance(unet, CompiledUNet):
+        raise ValueError("this UNet is already compiled with fastface.compile_unet; call it directly")
+    return CompiledUNet(unet, **compile_kwargs)
