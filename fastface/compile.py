@@ -33,17 +33,19 @@ class CompiledUNet(nn.Module):
 
     def __init__(self, unet: nn.Module, **compile_kwargs: Any) -> None:
         super().__init__()
-        self.compiled = torch.compile(unet, **compile_kwargs)
-
-    @property
-    def unet(self) -> nn.Module:
-        return self.compiled._orig_mod
+        self.unet = unet
+        # Compiling the call (not the module) traces the module's __call__: its hooks join the forward in one graph.
+        self._compiled_call = torch.compile(_call_module, **compile_kwargs)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         handle = attached(self.unet)
         if handle is not None:
             kwargs = handle.prepare_call(args, kwargs)
-        return self.compiled(*args, **kwargs)
+        return self._compiled_call(self.unet, *args, **kwargs)
+
+
+def _call_module(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    return module(*args, **kwargs)
 
 
 def compile_unet(unet: nn.Module, **compile_kwargs: Any) -> CompiledUNet:
