@@ -41,10 +41,17 @@ class CompiledUNet(nn.Module):
         handle = attached(self.unet)
         if handle is not None:
             kwargs = handle.prepare_call(args, kwargs)
-        return self._compiled_call(self.unet, *args, **kwargs)
+        layout = "" if handle is None else handle.describe()
+        return self._compiled_call(self.unet, layout, *args, **kwargs)
 
 
-def _call_module(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+def _call_module(module: nn.Module, layout: str, *args: Any, **kwargs: Any) -> Any:
+    # dynamo does not guard on module hook dictionaries (torch._dynamo.config.skip_nnmodule_hook_guards), so a graph
+    # traced without hooks would be replayed after attaching them. ``layout`` names the attached FastFace settings;
+    # reading it makes dynamo guard on its value: attaching, removing or changing settings recompiles (or reuses the
+    # graph cached for that layout), while re-attaching the same settings reuses the graph.
+    if layout == "\0":
+        raise ValueError("invalid FastFace layout")
     return module(*args, **kwargs)
 
 

@@ -20,6 +20,7 @@ All state lives in the handle: two UNets with different settings can run side by
 from __future__ import annotations
 
 import inspect
+import itertools
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -209,7 +210,15 @@ class FastFace:
 
     def set_timesteps(self, timesteps: Sequence[float] | torch.Tensor) -> None:
         """Announce the sampling schedule: resolves the step plan; each call's step is its timestep's position."""
-        self.plan = StepPlan.build(timesteps, self.dcg, self.am, self._keep_all)
+        self._set_plan(StepPlan.build(timesteps, self.dcg, self.am, self._keep_all))
+
+    def _set_plan(self, plan: StepPlan) -> None:
+        # the device tables of the UNet's device (and the host) now: built inside a compiled call they would cost a
+        # recompile once they exist
+        for p in itertools.islice(self.unet.parameters(), 1):
+            plan.tables(p.device)
+        plan.tables("cpu")
+        self.plan = plan
 
     @property
     def keep_all(self) -> bool:
@@ -220,7 +229,7 @@ class FastFace:
     def keep_all(self, value: bool) -> None:
         self._keep_all = bool(value)
         if self.plan is not None:
-            self.plan = StepPlan.build(self.plan.timesteps, self.dcg, self.am, self._keep_all)
+            self._set_plan(StepPlan.build(self.plan.timesteps, self.dcg, self.am, self._keep_all))
 
     @property
     def num_steps(self) -> int | None:

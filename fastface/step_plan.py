@@ -55,7 +55,8 @@ class DeviceTables(NamedTuple):
 
     def gather(self, step: torch.Tensor) -> StepCoefs:
         """The coefficients at a device step index, as 0-dim tensors (no host sync)."""
-        return StepCoefs(*(self.columns[k][step] if k in self.columns else None for k in _FIELDS))
+        # torch.take, not columns[k][step]: indexing with a tensor would be read back as a python int when compiled
+        return StepCoefs(*(torch.take(self.columns[k], step) if k in self.columns else None for k in _FIELDS))
 
 
 @dataclass(frozen=True)
