@@ -239,3 +239,45 @@ def test_errors(unet: UNet) -> None:
             call(unet, inputs(1), TS[0], step=9)
     with pytest.raises(ValueError, match="shorter|steps|schedule"):
         attach(unet, dcg=DCGConfig(alpha=StepSchedule.custom([1.0, 2.0])), null_id=NULL_ID, timesteps=TS)
+
+
+def test_attach_refuses_a_unet_that_has_a_handle(unet: UNet) -> None:
+    with attach(unet, dcg="paper", null_id=NULL_ID, timesteps=TS) as h:
+        with pytest.raises(ValueError, match=r"already has FastFace attached \(dcg=DCGConfig\(.*steps=4\); call "
+                                             r"\.remove\(\)"):
+            attach(unet, am="am1")
+        assert fastface.hooks.attached(unet) is h
+    assert fastface.hooks.attached(unet) is None
+    attach(unet, am="am1").remove()  # free again after removal
+
+
+def test_am_hook_outside_a_unet_call_raises(unet: UNet) -> None:
+    """The AM hooks take their step from the UNet call in flight; called alone they raise, never guess step 0."""
+    name, attn = unet.cross_attention_layers()[0]
+    tokens = torch.randn(1, 16, attn.heads * attn.head_dim)
+    inp = inputs(1)
+    for am in ("am1", "am2"):
+        with attach(unet, dcg="paper", am=am, null_id=NULL_ID, timesteps=TS):
+            call(unet, inp, TS[1])  # a UNet call works, and leaves no call in flight behind
+            with pytest.raises(RuntimeError, match="outside a UNet call"), torch.no_grad():
+                attn(tokens, inp["context"], id_tokens=inp["id_tokens"])
+
+
+def test_step_plan_is_resolved_once_per_schedule(unet: UNet, monkeypatch) -> None:
+    """Schedules are resolved when the timesteps are announced, not per UNet call or per hook call."""
+    calls = {"dcg": 0, "am": 0}
+    for cls, key, meth in ((DCGConfig, "dcg", "coefficients"), (AM2Config, "am", "steps")):
+        orig = getattr(cls, meth)
+
+        def counted(self, n, *a, _orig=orig, _key=key):
+            calls[_key] += 1
+            return _orig(self, n, *a)
+
+        monkeypatch.setattr(cls, meth, counted)
+    with attach(unet, dcg="paper", am="am2", null_id=NULL_ID, timesteps=TS) as h:
+        resolved = dict(calls)
+        for t in TS:
+            call(unet, inputs(1), t)
+        assert calls == resolved  # no schedule resolved during the 4 calls
+        h.set_timesteps(TS[:2])
+        assert calls["am"] == resolved["am"] + 1
