@@ -42,7 +42,11 @@ class CompiledUNet(nn.Module):
         if handle is not None:
             kwargs = handle.prepare_call(args, kwargs)
         layout = "" if handle is None else handle.describe()
-        return self._compiled_call(self.unet, layout, *args, **kwargs)
+        try:
+            return self._compiled_call(self.unet, layout, *args, **kwargs)
+        finally:
+            if handle is not None:
+                handle.end_call()  # a failed call must not leave its step to the next (eager) call
 
 
 def _call_module(module: nn.Module, layout: str, *args: Any, **kwargs: Any) -> Any:

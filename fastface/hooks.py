@@ -293,8 +293,13 @@ class FastFace:
             branches, coefs = (plan.union, None) if i is None else (plan.branches[i], tab.rows[i])
         self._pending = None if coefs is None else (branches, coefs)
         self.unet_calls += 1
-        self.branch_evaluations += len(branches) if self.dcg is not None else 1
+        self.branch_evaluations += len(branches)
         return kwargs
+
+    def end_call(self) -> None:
+        """Forget the step :meth:`prepare_call` resolved and the call in flight (after a call, even a failed one)."""
+        self._pending = None
+        self._call = None
 
     # -- hooks ------------------------------------------------------------------------------------------------
 
@@ -345,7 +350,7 @@ class FastFace:
             branches, coefs = self._resolve(arguments.get(self.spec.t), explicit, x.device)
             if not torch.compiler.is_compiling():
                 self.unet_calls += 1
-                self.branch_evaluations += len(branches) if self.dcg is not None else 1
+                self.branch_evaluations += len(branches)
         images = x.shape[0]
         expanded = self.dcg is not None
         if expanded:
@@ -456,8 +461,7 @@ class FastFace:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        self._call = None
-        self._pending = None
+        self.end_call()
         if self.unet.__dict__.get(_ATTR) is self:
             del self.unet.__dict__[_ATTR]
 
