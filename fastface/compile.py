@@ -60,11 +60,15 @@ def _call_module(module: nn.Module, layout: str, *args: Any, **kwargs: Any) -> A
 
 
 def compile_unet(unet: nn.Module, **compile_kwargs: Any) -> CompiledUNet:
-    """``torch.compile`` a UNet for use with FastFace hooks; keyword arguments go to :func:`torch.compile`.
+    """``torch.compile`` a UNet for use with FastFace hooks; keyword arguments go to :func:`torch.compile`
+    (``dynamic`` defaults to False).
 
     Call the returned module like the UNet. The FastFace handle attached to ``unet`` (now or later) is honoured on
     every call: the branches skipped per step and the evaluation counts are those of the eager UNet.
     """
     if isinstance(unet, CompiledUNet):
         raise ValueError("this UNet is already compiled with fastface.compile_unet; call it directly")
+    # static shapes by default: each branch set has its own batch size, and a static graph per set is what the
+    # backends (inductor, CUDA graphs) optimise best; pass dynamic=None for dynamo's automatic dynamic shapes
+    compile_kwargs.setdefault("dynamic", False)
     return CompiledUNet(unet, **compile_kwargs)

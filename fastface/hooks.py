@@ -36,7 +36,7 @@ from fastface.step_plan import NO_COEFS, StepCoefs, StepPlan
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CallSpec", "OUR_UNET", "DIFFUSERS_UNET", "FastFace", "attach", "attached", "identity_points"]
+__all__ = ["CallSpec", "OUR_UNET", "FastFace", "attach", "attached", "identity_points"]
 
 
 @dataclass(frozen=True)
@@ -55,14 +55,6 @@ class CallSpec:
 
 
 OUR_UNET = CallSpec()
-# diffusers' UNet2DConditionModel.forward(sample, timestep, encoder_hidden_states, ..., added_cond_kwargs=...)
-DIFFUSERS_UNET = CallSpec(
-    x="sample",
-    t="timestep",
-    text=("encoder_hidden_states", "added_cond_kwargs.text_embeds"),
-    id=("added_cond_kwargs.image_embeds",),
-    batch=("added_cond_kwargs.time_ids", "timestep_cond"),
-)
 
 
 def _get(args: Mapping[str, Any], path: str) -> Any:
@@ -499,7 +491,8 @@ def attach(
     batch 1 or B), or a mapping from call paths to values. ``null_text``: a negative conditioning per text path
     (default zeros, SDXL's ``force_zeros_for_empty_prompt``). ``timesteps``: the sampling schedule (or announce it
     later with :meth:`FastFace.set_timesteps`). ``tokens``: the id tokens AM transforms (default all).
-    ``spec``: how the UNet's forward names its inputs (:data:`OUR_UNET`, :data:`DIFFUSERS_UNET`, or your own).
+    ``spec``: how the UNet's forward names its inputs (:data:`OUR_UNET`, ``fastface.integrations.DIFFUSERS_ID_SPEC``
+    or your own).
 
     Without DCG the batch is left as it is and AM treats every sample as its own image. To reproduce the official
     AM-only runs (three branches computed, only eps(text, id) used) pass ``dcg="none"`` with AM2. A UNet carries
