@@ -29,9 +29,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from fastface import dcg as _dcg
 from fastface.am import AM1Config, AM2Config, adain_maps, adain_output, get_am_config, softmask
-from fastface.dcg import Branch, DCGConfig
+from fastface.dcg import Branch, DCGConfig, get_dcg_config, guide
 from fastface.step_plan import NO_COEFS, StepCoefs, StepPlan
 
 logger = logging.getLogger(__name__)
@@ -393,7 +392,7 @@ class FastFace:
         assert self.dcg is not None
         eps_all = output if isinstance(output, torch.Tensor) else output[0] if isinstance(output, tuple) else output.sample
         preds = dict(zip(call.branches, eps_all.chunk(len(call.branches), dim=0)))
-        eps = _dcg.guide(preds, call.coefs.alpha, call.coefs.beta, self.dcg.rescale, self.dcg.variant)
+        eps = guide(preds, call.coefs.alpha, call.coefs.beta, self.dcg.rescale, self.dcg.variant)
         if isinstance(output, torch.Tensor):
             return eps
         if isinstance(output, tuple):
@@ -499,7 +498,7 @@ def attach(
     at most one handle: attaching to a UNet that has one raises (remove the old handle first).
     """
     if isinstance(dcg, str):
-        dcg = _dcg.get_dcg_config(dcg)
+        dcg = get_dcg_config(dcg)
     if isinstance(am, str):
         am = get_am_config(am)
     return FastFace(unet, dcg=dcg, am=am, null_id=null_id, null_text=null_text, spec=spec, tokens=tokens,
