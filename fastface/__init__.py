@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 
+from fastface.compile import compile_unet
 from fastface.hooks import FastFace, attach
 from fastface.models.unet import UNet, UNetConfig
 from fastface.models.unet_loading import load_unet
@@ -24,7 +25,7 @@ _LAZY = {
     "adapter_names": "fastface.adapters.registry",
 }
 
-__all__ = ["FastFace", "UNet", "UNetConfig", "__version__", "attach", "load_unet", *_LAZY]
+__all__ = ["FastFace", "UNet", "UNetConfig", "__version__", "attach", "compile_unet", "load_unet", *_LAZY]
 
 
 def __getattr__(name: str):

@@ -8,10 +8,10 @@ Maps are the softmax maps of the identity (decoupled) cross-attention, shaped ``
 - AM2 "scheduled softmask" (Eq. 8-10): an adaptive sigmoid mask around a quantile, scaled, blended with its
   AdaIN against the original map; the same AdaIN is applied to the per-head attention output.
 
-The semantics are those of the official code (ControlGenAI/FastFace ``src/custom_dca.py``, see
-``reference/fastface-official.md`` Sec. 2), which differs from the paper text where noted. All functions are
-torch.compile friendly (no ``.item()``, no Python branching on tensor values); coefficients may be python numbers
-or tensors (0-dim or ``[B]`` per sample). Python numbers are validated; tensors are expected from a validated config.
+The semantics are those of the official code (ControlGenAI/FastFace ``src/custom_dca.py``), which differs from
+the paper text where noted. All functions are torch.compile friendly (no ``.item()``, no Python branching on
+tensor values); coefficients may be python numbers or tensors (0-dim or ``[B]`` per sample). Python numbers are
+validated; tensors are expected from a validated config.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fastface.dcg import StepSchedule, _check_scale, _check_steps
+from fastface.steps import StepSchedule, check_coefficient, check_step, check_steps
 
 logger = logging.getLogger(__name__)
 
@@ -77,9 +77,9 @@ def scale_power(a: torch.Tensor, s: Coef, p: Coef = 1.3, clamp: float = UPPER_BO
     (:class:`AM1Config`; the paper's App. G swaps the two scales, the code is followed here).
     """
     _check_map(a)
-    _check_scale("AM1 scale s", s)
-    _check_scale("AM1 power p", p)
-    _check_scale("clamp", clamp)
+    check_coefficient("AM1 scale s", s)
+    check_coefficient("AM1 power p", p)
+    check_coefficient("clamp", clamp)
     return (_coef(s, a) * a.pow(_coef(p, a))).clamp(max=clamp)
 
 
@@ -145,9 +145,9 @@ def softmask(
     Computed in fp32 (the official code takes the quantile in fp32 and the rest in fp16); returns a's dtype.
     """
     _check_map(a)
-    _check_scale("AM2 sharpness d", d)
-    _check_scale("AM2 scale s", s)
-    _check_scale("clamp", clamp)
+    check_coefficient("AM2 sharpness d", d)
+    check_coefficient("AM2 scale s", s)
+    check_coefficient("clamp", clamp)
     if not isinstance(q, torch.Tensor) and not (isinstance(q, (int, float)) and 0.0 < q < 1.0):
         raise ValueError(f"AM2 quantile q must lie in (0, 1), got {q!r}")
     _check_groups(a.shape[0], groups)
@@ -173,7 +173,7 @@ def adain(x_t: torch.Tensor, x: torch.Tensor, w: Coef) -> torch.Tensor:
         raise ValueError(f"AdaIN needs equal shapes, got {tuple(x_t.shape)} and {tuple(x.shape)}")
     if x.shape[-1] < 2:
         raise ValueError(f"AdaIN needs at least 2 entries on the last axis for an unbiased std, got {x.shape[-1]}")
-    _check_scale("AdaIN weight w", w, 0.0, 1.0)
+    check_coefficient("AdaIN weight w", w, 0.0, 1.0)
     xt, xo = x_t.float(), x.float()
     mu_t, sd_t = xt.mean(-1, keepdim=True), xt.std(-1, keepdim=True)
     mu, sd = xo.mean(-1, keepdim=True), xo.std(-1, keepdim=True)
@@ -248,7 +248,7 @@ class AM1Config:
 
     def __post_init__(self) -> None:
         for name in ("p", "s_up", "s_down", "clamp"):
-            _check_scale(f"AM1Config.{name}", getattr(self, name))
+            check_coefficient(f"AM1Config.{name}", getattr(self, name))
 
     def scale(self, part: str) -> float:
         """The scale for a UNet part, 'up' or 'down' (the mid block is not a target)."""
@@ -296,18 +296,17 @@ class AM2Config:
                 raise ValueError(f"AM2Config.{name} must be a StepSchedule, got {getattr(self, name)!r}")
         self.q.check_range("AM2 quantile q", 0.0, 1.0, lo_open=True, hi_open=True)
         self.w.check_range("AM2 AdaIN weight w", 0.0, 1.0)
-        _check_scale("AM2Config.clamp", self.clamp)
+        check_coefficient("AM2Config.clamp", self.clamp)
 
     def steps(self, n: int) -> tuple[AM2Step, ...]:
         """The resolved parameters of every step of an n-step run."""
-        _check_steps(n)
+        check_steps(n)
         d, s, q, w = (sch.resolve(n) for sch in (self.d, self.s, self.q, self.w))
         return tuple(AM2Step(d[i], s[i], q[i], w[i] if self.adain else None) for i in range(n))
 
     def step(self, i: int, n: int) -> AM2Step:
         """The parameters at step i of n."""
-        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n:
-            raise ValueError(f"step index must be an integer in [0, {n}), got {i!r}")
+        check_step(i, n)
         return self.steps(n)[i]
 
     def apply(self, a: torch.Tensor, i: int, n: int, groups: int = 1) -> torch.Tensor:

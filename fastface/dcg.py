@@ -18,12 +18,22 @@ tensor arguments are not (they would need a host sync) and are expected to come 
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 
 import torch
+
+from fastface.steps import (
+    StepSchedule,
+    check_coefficient,
+    check_step,
+    check_steps,
+    constant_schedule,
+    custom_schedule,
+    first_step_schedule,
+    paper_schedule,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -92,17 +102,6 @@ def _variant(variant: Variant | str) -> Variant:
         ) from None
 
 
-def _check_scale(name: str, value: object, lo: float = 0.0, hi: float = math.inf) -> None:
-    """Validate a python-number coefficient (tensors are left to the caller: checking them would sync)."""
-    if isinstance(value, torch.Tensor):
-        return
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise ValueError(f"{name} must be a number or a tensor, got {type(value).__name__}")
-    if not math.isfinite(value) or not lo <= value <= hi:
-        bound = f"in [{lo}, {hi}]" if math.isfinite(hi) else f">= {lo}"
-        raise ValueError(f"{name} must be a finite number {bound}, got {value}")
-
-
 def _per_sample(c: Coef, ref: torch.Tensor) -> Coef:
     """A ``[B]`` tensor becomes ``[B, 1, ...]`` so it scales each sample of ``ref``; other values pass through."""
     if isinstance(c, torch.Tensor) and c.ndim == 1 and ref.ndim > 1:
@@ -134,8 +133,8 @@ def combine(
     """
     v = _variant(variant)
     _check_same(eps_u, eps_1, eps_2)
-    _check_scale("alpha", alpha)
-    _check_scale("beta", beta)
+    check_coefficient("alpha", alpha)
+    check_coefficient("beta", beta)
     a, b = _per_sample(alpha, eps_u), _per_sample(beta, eps_u)
     if v is Variant.DCG3:
         return eps_u + a * (eps_1 - eps_u) + b * (eps_2 - eps_u)
@@ -152,7 +151,7 @@ def rescale(eps: torch.Tensor, eps_1: torch.Tensor, eps_2: torch.Tensor, phi: Co
     is left unscaled (r = 1) instead of producing NaN.
     """
     _check_same(eps, eps_1, eps_2)
-    _check_scale("phi", phi, 0.0, 1.0)
+    check_coefficient("phi", phi, 0.0, 1.0)
     if eps.ndim < 2:
         raise ValueError(f"rescale needs batched predictions [B, ...], got shape {tuple(eps.shape)}")
     dims = tuple(range(1, eps.ndim))
@@ -165,16 +164,21 @@ def rescale(eps: torch.Tensor, eps_1: torch.Tensor, eps_2: torch.Tensor, phi: Co
     return eps * factor.to(eps.dtype)
 
 
+def _weights(alpha: Coef, beta: Coef, v: Variant) -> tuple[Coef, Coef, Coef]:
+    if v is Variant.DCG3:
+        return (1.0 - alpha - beta, alpha, beta)
+    return (1.0 - alpha, alpha - beta, beta)
+
+
 def branch_weights(alpha: float, beta: float, variant: Variant | str = Variant.DCG2) -> tuple[float, float, float]:
     """The DCG combination as linear weights on branches 0, 1, 2 (they always sum to 1)."""
     v = _variant(variant)
-    _check_scale("alpha", alpha)
-    _check_scale("beta", beta)
+    check_coefficient("alpha", alpha)
+    check_coefficient("beta", beta)
     if isinstance(alpha, torch.Tensor) or isinstance(beta, torch.Tensor):
         raise ValueError("branch_weights needs python-number alpha and beta (a tensor would need a host sync)")
-    if v is Variant.DCG3:
-        return (1.0 - alpha - beta, float(alpha), float(beta))
-    return (1.0 - alpha, alpha - beta, float(beta))
+    w0, w1, w2 = _weights(alpha, beta, v)
+    return (w0, float(w1), float(w2))
 
 
 def _rescale_on(phi: Coef | None) -> bool:
@@ -194,7 +198,7 @@ def needed_branches(
     v = _variant(variant)
     order = VARIANT_BRANCHES[v]
     if phi is not None:
-        _check_scale("phi", phi, 0.0, 1.0)
+        check_coefficient("phi", phi, 0.0, 1.0)
     if isinstance(alpha, torch.Tensor) or isinstance(beta, torch.Tensor):
         return order
     w = branch_weights(alpha, beta, v)
@@ -216,23 +220,34 @@ def guide(
     arithmetic); with fewer it uses the equivalent linear weights of :func:`branch_weights`, equal to the full
     computation within float rounding (and bit-exact ``eps(text,id)`` when α=β=1 without rescale).
     ``phi=None`` (or 0) switches the rescale off.
+
+    Tensor ``alpha``/``beta`` (0-dim or ``[B]``, e.g. gathered on an accelerator at a device step index) work with
+    any branch subset too; their values cannot be inspected without a host sync, so the caller guarantees that the
+    missing branches have weight 0 at this step (as a step plan's branch union does).
     """
     v = _variant(variant)
     order = VARIANT_BRANCHES[v]
     try:
-        got = {Branch(k): t for k, t in preds.items()}
+        got = {k if isinstance(k, Branch) else Branch(k): t for k, t in preds.items()}
     except ValueError:
         raise ValueError(
             f"unknown branch name in {sorted(map(str, preds))}; use {[b.value for b in Branch]}"
         ) from None
-    extra = set(got) - set(order)
+    extra = [b.value for b in got if b not in order]
     if extra:
         raise ValueError(
-            f"branches {sorted(b.value for b in extra)} are not used by variant {v.value} "
-            f"(its branches are {[b.value for b in order]})"
+            f"branches {sorted(extra)} are not used by variant {v.value} (its branches are {[b.value for b in order]})"
         )
     if all(b in got for b in order):
         eps = combine(got[order[0]], got[order[1]], got[order[2]], alpha, beta, v)
+    elif isinstance(alpha, torch.Tensor) or isinstance(beta, torch.Tensor):
+        _check_same(*got.values())
+        ref = next(iter(got.values()))
+        w = _weights(_per_sample(alpha, ref), _per_sample(beta, ref), v)
+        eps = 0
+        for i, b in enumerate(order):
+            if b in got:
+                eps = eps + w[i] * got[b]
     else:
         need = needed_branches(alpha, beta, phi, v)
         missing = [b.value for b in need if b not in got]
@@ -255,115 +270,7 @@ def guide(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Per-step schedules
-
-
-def _check_steps(n: int) -> None:
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"the number of steps must be a positive integer, got {n!r}")
-
-
-def paper_schedule(n: int, peak: float) -> tuple[float, ...]:
-    """The paper's DCG schedule for n steps: 1 at the first and last steps, ``peak`` at every step in between.
-
-    The paper (Sec. 3.2, App. D Fig. 15) guides only the intermediate steps; its 4-step lists are the n=4 case:
-    ``paper_schedule(4, 1.5) == (1, 1.5, 1.5, 1)`` and ``paper_schedule(4, 3) == (1, 3, 3, 1)``. With n=1 or n=2
-    every step is a first or last step, so the schedule is all ones (no guidance): (1,) and (1, 1).
-    """
-    _check_steps(n)
-    _check_scale("peak", peak)
-    return tuple(1.0 if i in (0, n - 1) else float(peak) for i in range(n))
-
-
-def first_step_schedule(n: int, first: float, rest: float) -> tuple[float, ...]:
-    """A schedule with ``first`` at step 0 and ``rest`` at every later step (AM2's d and s rules)."""
-    _check_steps(n)
-    _check_scale("first", first)
-    _check_scale("rest", rest)
-    return (float(first),) + (float(rest),) * (n - 1)
-
-
-def constant_schedule(n: int, value: float) -> tuple[float, ...]:
-    """The same value at every step (e.g. plain CFG with α=β=g: LCM's baseline g=1.5)."""
-    _check_steps(n)
-    _check_scale("value", value)
-    return (float(value),) * n
-
-
-def custom_schedule(n: int, values: Sequence[float]) -> tuple[float, ...]:
-    """An explicit per-step list; it must cover all n steps (extra values are ignored, as in the official code)."""
-    _check_steps(n)
-    values = tuple(values)
-    if len(values) < n:
-        raise ValueError(
-            f"a custom schedule of {len(values)} values {list(values)} cannot cover {n} steps; give at least {n} "
-            "values or use a rule-based schedule (paper/first_step/constant) that fits any step count"
-        )
-    for i, x in enumerate(values):
-        _check_scale(f"schedule value {i}", x)
-    return tuple(float(x) for x in values[:n])
-
-
-_RULES = {"paper": 1, "first_step": 2, "constant": 1}
-
-
-@dataclass(frozen=True)
-class StepSchedule:
-    """A per-step coefficient rule resolved for any step count: 'paper', 'first_step', 'constant' or 'custom'.
-
-    ``values`` holds the rule's parameters: (peak,) for 'paper', (first, rest) for 'first_step', (value,) for
-    'constant', and the explicit list for 'custom'. Build with the classmethods.
-    """
-
-    rule: str
-    values: tuple[float, ...]
-
-    def __post_init__(self) -> None:
-        if self.rule not in (*_RULES, "custom"):
-            raise ValueError(f"unknown schedule rule {self.rule!r}; use one of {[*_RULES, 'custom']}")
-        object.__setattr__(self, "values", tuple(self.values))
-        want = _RULES.get(self.rule)
-        if want is not None and len(self.values) != want:
-            raise ValueError(f"schedule rule {self.rule!r} takes {want} value(s), got {list(self.values)}")
-        if not self.values:
-            raise ValueError("a custom schedule needs at least one value")
-        for i, x in enumerate(self.values):
-            _check_scale(f"{self.rule} schedule value {i}", x)
-        object.__setattr__(self, "values", tuple(float(x) for x in self.values))
-
-    @classmethod
-    def paper(cls, peak: float) -> StepSchedule:
-        return cls("paper", (peak,))
-
-    @classmethod
-    def first_step(cls, first: float, rest: float) -> StepSchedule:
-        return cls("first_step", (first, rest))
-
-    @classmethod
-    def constant(cls, value: float) -> StepSchedule:
-        return cls("constant", (value,))
-
-    @classmethod
-    def custom(cls, values: Sequence[float]) -> StepSchedule:
-        return cls("custom", tuple(values))
-
-    def resolve(self, n: int) -> tuple[float, ...]:
-        """The values for steps 0..n-1."""
-        if self.rule == "paper":
-            return paper_schedule(n, self.values[0])
-        if self.rule == "first_step":
-            return first_step_schedule(n, *self.values)
-        if self.rule == "constant":
-            return constant_schedule(n, self.values[0])
-        return custom_schedule(n, self.values)
-
-    def check_range(self, name: str, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> None:
-        """Raise ValueError unless every value lies in the given interval."""
-        for x in self.values:
-            bad = x < lo or x > hi or (lo_open and x == lo) or (hi_open and x == hi)
-            if bad:
-                interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
-                raise ValueError(f"{name} must lie in {interval}, got {x} in schedule {self}")
+# Config (the per-step schedules live in fastface.steps)
 
 
 @dataclass(frozen=True)
@@ -385,7 +292,7 @@ class DCGConfig:
             if not isinstance(getattr(self, name), StepSchedule):
                 raise ValueError(f"DCGConfig.{name} must be a StepSchedule, got {getattr(self, name)!r}")
         if self.rescale is not None:
-            _check_scale("DCGConfig.rescale (phi)", self.rescale, 0.0, 1.0)
+            check_coefficient("DCGConfig.rescale (phi)", self.rescale, 0.0, 1.0)
 
     @property
     def branches(self) -> tuple[Branch, Branch, Branch]:
@@ -398,15 +305,14 @@ class DCGConfig:
 
     def step(self, i: int, n: int) -> tuple[float, float]:
         """(α, β) at step i of n."""
-        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n:
-            raise ValueError(f"step index must be an integer in [0, {n}), got {i!r}")
+        check_step(i, n)
         a, b = self.coefficients(n)
         return a[i], b[i]
 
     def needed(self, n: int, keep_all: bool = False) -> tuple[tuple[Branch, ...], ...]:
         """Per step, the branches to evaluate; ``keep_all`` (e.g. AM2 couples the branches) keeps all three."""
         if keep_all:
-            _check_steps(n)
+            check_steps(n)
             return (self.branches,) * n
         return tuple(needed_branches(a, b, self.rescale, self.variant) for a, b in zip(*self.coefficients(n)))
 

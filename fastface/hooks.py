@@ -6,32 +6,36 @@
 - **AM**: forward hooks on the identity-attention hook points (``<layer>.ip.probs`` for the map and
   ``<layer>.ip.head_out`` for the per-head output) of the target blocks: down and up, not mid (:mod:`fastface.am`).
 
-The step index of a call comes from an explicit ``step=`` keyword of the UNet call, or from the timestep looked
-up in the schedule announced with :meth:`FastFace.set_timesteps` (never from counting calls). A timestep known on
-the host (a python number or a CPU tensor, which is what :mod:`fastface.samplers` passes) gives a host step index:
-branches whose output is unused at that step are skipped. A timestep on an accelerator is looked up on the device
-(no host sync); then every branch any step needs is computed and the coefficients are gathered on the device.
+The step plan (per step: the branches to evaluate, the DCG coefficients and AM2's parameters) is resolved once,
+when the schedule is announced (``attach(timesteps=...)`` or :meth:`FastFace.set_timesteps`). The step of a call
+comes from an explicit ``step=`` keyword of the UNet call, or from its timestep looked up in that schedule (never
+from counting calls). A timestep known on the host (a python number or a CPU tensor, which is what
+:mod:`fastface.samplers` passes) gives a host step: branches whose output is unused at that step are skipped. A
+timestep on an accelerator is looked up on the device (no host sync); then the union of the branches of all steps
+is computed and the coefficients are gathered on the device. The UNet's pre-hook hands the step to the AM hooks
+and the post-hook through the call in flight; an AM hook running outside a UNet call raises.
 All state lives in the handle: two UNets with different settings can run side by side.
 """
 
 from __future__ import annotations
 
 import inspect
+import itertools
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
-from fastface import dcg as _dcg
-from fastface.am import AM1Config, AM2Config, adain_maps, adain_output, softmask
-from fastface.dcg import Branch, DCGConfig
+from fastface.am import AM1Config, AM2Config, adain_maps, adain_output, get_am_config, softmask
+from fastface.dcg import Branch, DCGConfig, get_dcg_config, guide
+from fastface.step_plan import NO_COEFS, StepCoefs, StepPlan
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CallSpec", "OUR_UNET", "DIFFUSERS_UNET", "FastFace", "attach", "identity_points"]
+__all__ = ["CallSpec", "OUR_UNET", "FastFace", "attach", "attached", "identity_points"]
 
 
 @dataclass(frozen=True)
@@ -50,14 +54,6 @@ class CallSpec:
 
 
 OUR_UNET = CallSpec()
-# diffusers' UNet2DConditionModel.forward(sample, timestep, encoder_hidden_states, ..., added_cond_kwargs=...)
-DIFFUSERS_UNET = CallSpec(
-    x="sample",
-    t="timestep",
-    text=("encoder_hidden_states", "added_cond_kwargs.text_embeds"),
-    id=("added_cond_kwargs.image_embeds",),
-    batch=("added_cond_kwargs.time_ids", "timestep_cond"),
-)
 
 
 def _get(args: Mapping[str, Any], path: str) -> Any:
@@ -125,22 +121,24 @@ def _part(name: str) -> str | None:
     return None
 
 
-@dataclass
-class _Call:
-    """What the pre-hook decided for the UNet call in flight (read by the AM hooks and the post-hook)."""
+class _Call(NamedTuple):
+    """What the pre-hook decided for the UNet call in flight: read by the AM hooks and the post-hook."""
 
-    branches: tuple[Branch, ...]
-    step: int | torch.Tensor  # host index, or a 0-dim device tensor
+    branches: tuple[Branch, ...]  # batch order
+    coefs: StepCoefs  # this step's coefficients: python floats (host step) or 0-dim tensors (device step)
     images: int  # batch size before branch expansion (AM2 groups)
     expanded: bool
 
 
-class FastFace:
-    """The handle returned by :func:`attach`: owns the hooks and the per-call state; ``.remove()`` detaches.
+_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 
-    Also a context manager (removes on exit). ``branch_evaluations`` counts UNet evaluations per image (the sum
-    over calls of the branches computed; the official implementation spends 3 per step) and ``unet_calls`` the
-    calls; :meth:`reset_stats` zeroes both.
+
+class FastFace:
+    """The handle returned by :func:`attach`: owns the hooks, the step plan and the per-call state.
+
+    ``.remove()`` detaches; also a context manager (removes on exit). ``branch_evaluations`` counts UNet
+    evaluations per image (the sum over calls of the branches computed; the official implementation spends 3 per
+    step) and ``unet_calls`` the calls; :meth:`reset_stats` zeroes both.
     """
 
     def __init__(
@@ -159,8 +157,15 @@ class FastFace:
             raise ValueError(f"dcg must be a fastface.dcg.DCGConfig (or None), got {type(dcg).__name__}")
         if am is not None and not isinstance(am, (AM1Config, AM2Config)):
             raise ValueError(f"am must be an AM1Config or AM2Config (or None), got {type(am).__name__}")
+        other = attached(unet)
+        if other is not None:
+            raise ValueError(
+                f"this UNet already has FastFace attached ({other.describe()}); call .remove() on that handle "
+                "(or leave its `with` block) before attaching again"
+            )
         self.unet, self.dcg, self.am, self.spec = unet, dcg, am, spec
-        self.keep_all = isinstance(am, AM2Config)  # AM2's min-max couples the branches of an image
+        self._keep_all = isinstance(am, AM2Config)  # AM2's min-max couples the branches of an image
+        self._needs_step = dcg is not None or isinstance(am, AM2Config)
         self.tokens = None if tokens is None else [int(t) for t in tokens]
         self.null_id = null_id if (null_id is None or isinstance(null_id, Mapping)) else {spec.id[0]: null_id}
         self.null_text = dict(null_text) if null_text is not None else None
@@ -170,141 +175,184 @@ class FastFace:
                 "attach(unet, dcg=..., null_id=adapter.null_tokens(...))"
             )
         self._signature = inspect.signature(unet.forward)
-        self._timesteps: torch.Tensor | None = None
-        self._device_tables: dict[torch.device, dict[str, torch.Tensor]] = {}
+        params = list(self._signature.parameters.values())
+        self._positional = [p.name for p in params if p.kind in _POSITIONAL]
+        self._plain = not any(p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.VAR_POSITIONAL)
+                              for p in params)
+        self.plan: StepPlan | None = None
         self._call: _Call | None = None
+        self._pending: tuple[tuple[Branch, ...], StepCoefs] | None = None
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self.unet_calls = 0
         self.branch_evaluations = 0
         if timesteps is not None:
             self.set_timesteps(timesteps)
         self._install()
+        unet.__dict__[_ATTR] = self
+
+    def describe(self) -> str:
+        """The handle's settings in one line (for messages)."""
+        return f"dcg={self.dcg!r}, am={self.am!r}, steps={self.num_steps}"
+
+    def __repr__(self) -> str:
+        return f"FastFace({self.describe()}, attached={bool(self._handles)})"
 
     # -- schedule ---------------------------------------------------------------------------------------------
 
     def set_timesteps(self, timesteps: Sequence[float] | torch.Tensor) -> None:
-        """Announce the sampling schedule; each UNet call's step is its timestep's position in it."""
-        ts = torch.as_tensor(timesteps, dtype=torch.float64).detach().cpu().reshape(-1)
-        if ts.numel() < 1:
-            raise ValueError("set_timesteps needs at least one timestep")
-        if self.dcg is not None:
-            self.dcg.coefficients(ts.numel())  # validates the schedules for this step count
-        if isinstance(self.am, AM2Config):
-            self.am.steps(ts.numel())
-        self._timesteps = ts
-        self._device_tables.clear()
+        """Announce the sampling schedule: resolves the step plan; each call's step is its timestep's position."""
+        self._set_plan(StepPlan.build(timesteps, self.dcg, self.am, self._keep_all))
+
+    def _set_plan(self, plan: StepPlan) -> None:
+        # the device tables of the UNet's device (and the host) now: built inside a compiled call they would cost a
+        # recompile once they exist
+        for p in itertools.islice(self.unet.parameters(), 1):
+            plan.tables(p.device)
+        plan.tables("cpu")
+        self.plan = plan
+
+    @property
+    def keep_all(self) -> bool:
+        """Whether every DCG branch is evaluated at every step (AM2 couples the branches; settable for tests)."""
+        return self._keep_all
+
+    @keep_all.setter
+    def keep_all(self, value: bool) -> None:
+        self._keep_all = bool(value)
+        if self.plan is not None:
+            self._set_plan(StepPlan.build(self.plan.timesteps, self.dcg, self.am, self._keep_all))
 
     @property
     def num_steps(self) -> int | None:
-        return None if self._timesteps is None else int(self._timesteps.numel())
+        return None if self.plan is None else self.plan.num_steps
 
     def reset_stats(self) -> None:
         self.unet_calls = 0
         self.branch_evaluations = 0
 
-    def _host_step(self, t: Any) -> int:
-        if self._timesteps is None:
+    def _need_plan(self) -> StepPlan:
+        if self.plan is None:
             raise ValueError(
                 "the step index is unknown: announce the schedule with handle.set_timesteps(timesteps) before "
-                "sampling, or pass step=i to the UNet call"
+                "sampling, or attach(..., timesteps=...)"
             )
-        tv = float(t.reshape(-1)[0]) if isinstance(t, torch.Tensor) else float(t)
-        dist = (self._timesteps - tv).abs()
-        i = int(dist.argmin())
-        if float(dist[i]) > 1e-3 * max(1.0, abs(tv)):
-            raise ValueError(
-                f"timestep {tv} is not in the announced schedule {self._timesteps.tolist()}; call "
-                "handle.set_timesteps with the sampler's timesteps or pass step=i"
-            )
-        return i
+        return self.plan
 
-    def _tables(self, device: torch.device) -> dict[str, torch.Tensor]:
-        """Per-step coefficient tables on a device (built once per schedule and device)."""
-        if device not in self._device_tables:
-            n = self.num_steps
-            assert n is not None
-            tab: dict[str, list[float]] = {"ts": self._timesteps.tolist()}
-            if self.dcg is not None:
-                alphas, betas = self.dcg.coefficients(n)
-                w = [_dcg.branch_weights(a, b, self.dcg.variant) for a, b in zip(alphas, betas)]
-                tab.update(alpha=list(alphas), beta=list(betas), w0=[x[0] for x in w], w1=[x[1] for x in w],
-                           w2=[x[2] for x in w])
-            if isinstance(self.am, AM2Config):
-                steps = self.am.steps(n)
-                tab.update(d=[s.d for s in steps], s=[s.s for s in steps], q=[s.q for s in steps],
-                           w=[0.0 if s.w is None else s.w for s in steps])
-            self._device_tables[device] = {
-                k: torch.tensor(v, dtype=torch.float64 if k == "ts" else torch.float32, device=device)
-                for k, v in tab.items()
-            }
-        return self._device_tables[device]
-
-    def _resolve_step(self, t: Any, explicit: Any) -> int | torch.Tensor:
+    def _host_step(self, t: Any, explicit: Any) -> int | None:
+        """The step of a call when the host knows it (explicit ``step=`` or a host timestep), else None."""
         if explicit is not None:
             n = self.num_steps
             if isinstance(explicit, bool) or not isinstance(explicit, int) or (n is not None and not 0 <= explicit < n):
                 raise ValueError(f"step must be an integer in [0, {n}), got {explicit!r}")
-            if n is None:
-                raise ValueError("step=i needs the step count: announce the schedule with handle.set_timesteps")
+            self._need_plan()
             return explicit
+        plan = self._need_plan()
         if isinstance(t, torch.Tensor) and t.device.type != "cpu":
-            if self._timesteps is None:
-                raise ValueError("announce the schedule with handle.set_timesteps(timesteps) before sampling")
-            ts = self._tables(t.device)["ts"]
-            return (ts - t.reshape(-1)[:1].to(ts.dtype)).abs().argmin()  # 0-dim device tensor, no sync
-        return self._host_step(t)
+            return None
+        return plan.host_step(t)
+
+    def _resolve(self, t: Any, explicit: Any, device: torch.device) -> tuple[tuple[Branch, ...], StepCoefs]:
+        """(branches, coefficients) of a call: the host step's, or the branch union with device-gathered values."""
+        if not self._needs_step:
+            return (Branch.TEXT_ID,), NO_COEFS
+        compiling = torch.compiler.is_compiling()
+        i = None if (compiling and explicit is None) else self._host_step(t, explicit)
+        plan = self._need_plan()
+        if i is not None:
+            return plan.branches[i], (plan.tables(device).rows[i] if compiling else plan.coefs[i])
+        tab = plan.tables(t.device if isinstance(t, torch.Tensor) else device)
+        return plan.union, tab.gather(tab.step_of(torch.as_tensor(t, device=tab.timesteps.device)))
+
+    def prepare_call(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Resolve the step of the next UNet call on the host, before a compiled call (see :func:`compile_unet`).
+
+        Returns the keyword arguments without ``step``: the compiled graph then depends on the branch set only
+        (the coefficients enter as tensors), so a run recompiles at most once per distinct branch set.
+        """
+        kwargs = dict(kwargs)
+        explicit = kwargs.pop("step", None)
+        arguments = self._bind(args, kwargs)
+        x = self._latents(arguments)
+        t = arguments.get(self.spec.t)
+        if not self._needs_step:
+            branches, coefs = (Branch.TEXT_ID,), NO_COEFS
+        else:
+            i = self._host_step(t, explicit)
+            plan = self._need_plan()
+            device = t.device if i is None else x.device
+            tab = plan.tables(device)  # built here, outside the compiled region
+            branches, coefs = (plan.union, None) if i is None else (plan.branches[i], tab.rows[i])
+        self._pending = None if coefs is None else (branches, coefs)
+        self.unet_calls += 1
+        self.branch_evaluations += len(branches)
+        return kwargs
+
+    def end_call(self) -> None:
+        """Forget the step :meth:`prepare_call` resolved and the call in flight (after a call, even a failed one)."""
+        self._pending = None
+        self._call = None
 
     # -- hooks ------------------------------------------------------------------------------------------------
 
     def _install(self) -> None:
-        self._handles.append(self.unet.register_forward_pre_hook(self._pre, with_kwargs=True))
-        if self.dcg is not None:
-            self._handles.append(self.unet.register_forward_hook(self._post, with_kwargs=True))
-        if self.am is None:
-            return
         targets = [(n, m) for n, m in identity_points(self.unet) if _part(n) in ("down", "up")]
-        if not targets:
+        if self.am is not None and not targets:
             raise ValueError(
                 "AM needs an identity adapter installed: the UNet has no identity-attention hook points "
                 "(modules with 'probs' and 'head_out') in its down or up blocks. Install an adapter first, "
                 "e.g. fastface.adapters.ip_adapter.install(...)"
             )
+        self._handles.append(self.unet.register_forward_pre_hook(self._pre, with_kwargs=True))
+        self._handles.append(self.unet.register_forward_hook(self._post, with_kwargs=True))
+        if self.am is None:
+            return
         for name, mod in targets:
-            part = _part(name)
-            self._handles.append(mod.probs.register_forward_hook(self._map_hook(part)))
+            self._handles.append(mod.probs.register_forward_hook(self._map_hook(_part(name))))
             if isinstance(self.am, AM2Config) and self.am.adain:
                 self._handles.append(mod.head_out.register_forward_hook(self._out_hook))
         logger.debug("AM attached to %d identity-attention layers", len(targets))
 
-    def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        kwargs = dict(kwargs)
-        explicit = kwargs.pop("step", None)
-        bound = self._signature.bind(*args, **kwargs)
-        arguments = dict(bound.arguments)
+    def _bind(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The call's arguments by name (a plain dict, cheap and traceable by torch.compile)."""
+        if not self._plain or len(args) > len(self._positional):
+            return dict(self._signature.bind(*args, **kwargs).arguments)
+        arguments = dict(zip(self._positional, args))
+        for k, v in kwargs.items():
+            if k in arguments:
+                raise TypeError(f"the UNet call got multiple values for argument '{k}'")
+            arguments[k] = v
+        return arguments
+
+    def _latents(self, arguments: Mapping[str, Any]) -> torch.Tensor:
         x = arguments.get(self.spec.x)
         if not isinstance(x, torch.Tensor):
             raise ValueError(f"fastface hooks: the UNet call has no latents argument '{self.spec.x}'")
-        t = arguments.get(self.spec.t)
-        needs_step = self.dcg is not None or isinstance(self.am, AM2Config)
-        step = self._resolve_step(t, explicit) if needs_step else 0
-        images = x.shape[0]
-        if self.dcg is None:
-            branches: tuple[Branch, ...] = (Branch.TEXT_ID,)
-            self._call = _Call(branches, step, images, expanded=False)
+        return x
+
+    def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        kwargs = dict(kwargs)
+        explicit = kwargs.pop("step", None)
+        arguments = self._bind(args, kwargs)
+        x = self._latents(arguments)
+        pending, self._pending = self._pending, None
+        if pending is not None:  # resolved on the host by prepare_call (a compiled call)
+            branches, coefs = pending
         else:
-            n = self.num_steps
-            per_step = self.dcg.needed(n, self.keep_all)
-            if isinstance(step, int):
-                branches = per_step[step]
-            else:  # device step: every branch some step needs, in batch order
-                used = {b for s in per_step for b in s}
-                branches = tuple(b for b in self.dcg.branches if b in used)
+            branches, coefs = self._resolve(arguments.get(self.spec.t), explicit, x.device)
+            if not torch.compiler.is_compiling():
+                self.unet_calls += 1
+                self.branch_evaluations += len(branches)
+        images = x.shape[0]
+        expanded = self.dcg is not None
+        if expanded:
             arguments = self._expand(arguments, branches, images)
-            self._call = _Call(branches, step, images, expanded=True)
-        self.unet_calls += 1
-        self.branch_evaluations += len(branches)
-        new = inspect.BoundArguments(self._signature, arguments)  # type: ignore[arg-type]
-        return new.args, new.kwargs
+        self._call = _Call(branches, coefs, images, expanded)
+        n = len(args)
+        new_args = tuple(arguments.pop(name) for name in self._positional[:n]) if self._plain else None
+        if new_args is None:
+            bound = inspect.BoundArguments(self._signature, arguments)  # type: ignore[arg-type]
+            return bound.args, bound.kwargs
+        return new_args, arguments
 
     def _expand(self, arguments: dict[str, Any], branches: tuple[Branch, ...], images: int) -> dict[str, Any]:
         spec = self.spec
@@ -338,18 +386,13 @@ class FastFace:
         return out
 
     def _post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        call = self._call
+        call, self._call = self._call, None
         if call is None or not call.expanded:
             return output
+        assert self.dcg is not None
         eps_all = output if isinstance(output, torch.Tensor) else output[0] if isinstance(output, tuple) else output.sample
         preds = dict(zip(call.branches, eps_all.chunk(len(call.branches), dim=0)))
-        assert self.dcg is not None
-        if isinstance(call.step, int):
-            alpha, beta = self.dcg.step(call.step, self.num_steps)
-            eps = _dcg.guide(preds, alpha, beta, self.dcg.rescale, self.dcg.variant)
-        else:
-            eps = self._guide_device(preds, call.step, eps_all.device)
-        self._call = None
+        eps = guide(preds, call.coefs.alpha, call.coefs.beta, self.dcg.rescale, self.dcg.variant)
         if isinstance(output, torch.Tensor):
             return eps
         if isinstance(output, tuple):
@@ -357,35 +400,18 @@ class FastFace:
         output.sample = eps
         return output
 
-    def _guide_device(self, preds: dict[Branch, torch.Tensor], step: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """DCG with coefficients gathered on the device at a device step index (no host sync)."""
-        assert self.dcg is not None
-        tab = self._tables(device)
-        order = self.dcg.branches
-        if all(b in preds for b in order):
-            eps = _dcg.combine(preds[order[0]], preds[order[1]], preds[order[2]], tab["alpha"][step],
-                               tab["beta"][step], self.dcg.variant)
-        else:  # the linear-weight form over the branches some step needs (missing ones have weight 0 everywhere)
-            eps = sum(tab[f"w{i}"][step].to(preds[b].dtype) * preds[b] for i, b in enumerate(order) if b in preds)
-        if self.dcg.rescale:
-            eps = _dcg.rescale(eps, preds[order[1]], preds[order[2]], self.dcg.rescale)
-        return eps
-
-    def _groups(self, batch: int) -> int:
+    def _context(self) -> _Call:
+        """The call in flight; AM hooks run only inside a UNet call (the pre-hook resolves its step)."""
         call = self._call
-        images = call.images if call is not None else batch
-        return images if batch % images == 0 else batch
+        if call is None:
+            raise RuntimeError(
+                "a FastFace AM hook ran outside a UNet call: the step and the branch grouping come from the UNet's "
+                "forward pre-hook, so call the UNet the handle is attached to (not its attention layers alone)"
+            )
+        return call
 
-    def _step_params(self, device: torch.device) -> tuple[Any, Any, Any, Any]:
-        """AM2's (d, s, q, w) at the current step: python floats on the host path, 0-dim tensors otherwise."""
-        assert isinstance(self.am, AM2Config)
-        call = self._call
-        step = call.step if call is not None else 0
-        if isinstance(step, int):
-            p = self.am.step(step, self.num_steps or 1)
-            return p.d, p.s, p.q, p.w
-        tab = self._tables(device)
-        return tab["d"][step], tab["s"][step], tab["q"][step], (tab["w"][step] if self.am.adain else None)
+    def _groups(self, call: _Call, batch: int) -> int:
+        return call.images if batch % call.images == 0 else batch
 
     def _select(self, a: torch.Tensor) -> torch.Tensor:
         return a if self.tokens is None else a[..., self.tokens]
@@ -399,23 +425,25 @@ class FastFace:
 
     def _map_hook(self, part: str):
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+            call = self._context()
             a = inputs[0]  # the softmax map [B, H, N, K]
             if isinstance(self.am, AM1Config):
                 return self._scatter(output, self.am.apply(self._select(output), part))
-            d, s, q, w = self._step_params(a.device)
-            groups = self._groups(a.shape[0])
-            sm = softmask(self._select(a), d, s, q, self.am.invert_first, groups, self.am.clamp)
+            c = call.coefs
+            sm = softmask(self._select(a), c.d, c.s, c.q, self.am.invert_first, self._groups(call, a.shape[0]),
+                          self.am.clamp)
             a_t = self._scatter(a, sm)
-            return a_t if w is None else adain_maps(a_t, a, w)
+            return a_t if c.w is None else adain_maps(a_t, a, c.w)
 
         return hook
 
     def _out_hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        call = self._context()
         o_t, a, v = inputs[0], inputs[1], inputs[2]
-        _, _, _, w = self._step_params(o_t.device)
+        w = call.coefs.w
         if w is None:
             return output
-        return adain_output(output, a, v, w, self._groups(o_t.shape[0]))
+        return adain_output(output, a, v, w, self._groups(call, o_t.shape[0]))
 
     # -- lifetime ---------------------------------------------------------------------------------------------
 
@@ -424,13 +452,23 @@ class FastFace:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        self._call = None
+        self.end_call()
+        if self.unet.__dict__.get(_ATTR) is self:
+            del self.unet.__dict__[_ATTR]
 
     def __enter__(self) -> FastFace:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.remove()
+
+
+_ATTR = "_fastface_handle"
+
+
+def attached(unet: nn.Module) -> FastFace | None:
+    """The FastFace handle attached to ``unet`` (None if there is none)."""
+    return unet.__dict__.get(_ATTR)
 
 
 def attach(
@@ -452,16 +490,16 @@ def attach(
     batch 1 or B), or a mapping from call paths to values. ``null_text``: a negative conditioning per text path
     (default zeros, SDXL's ``force_zeros_for_empty_prompt``). ``timesteps``: the sampling schedule (or announce it
     later with :meth:`FastFace.set_timesteps`). ``tokens``: the id tokens AM transforms (default all).
-    ``spec``: how the UNet's forward names its inputs (:data:`OUR_UNET`, :data:`DIFFUSERS_UNET`, or your own).
+    ``spec``: how the UNet's forward names its inputs (:data:`OUR_UNET`, ``fastface.integrations.DIFFUSERS_ID_SPEC``
+    or your own).
 
     Without DCG the batch is left as it is and AM treats every sample as its own image. To reproduce the official
-    AM-only runs (three branches computed, only eps(text, id) used) pass ``dcg="none"`` with AM2.
+    AM-only runs (three branches computed, only eps(text, id) used) pass ``dcg="none"`` with AM2. A UNet carries
+    at most one handle: attaching to a UNet that has one raises (remove the old handle first).
     """
     if isinstance(dcg, str):
-        dcg = _dcg.get_dcg_config(dcg)
+        dcg = get_dcg_config(dcg)
     if isinstance(am, str):
-        from fastface.am import get_am_config
-
         am = get_am_config(am)
     return FastFace(unet, dcg=dcg, am=am, null_id=null_id, null_text=null_text, spec=spec, tokens=tokens,
                     timesteps=timesteps)

@@ -11,7 +11,8 @@ import torch
 
 import fastface
 from fastface.am import AM1Config, AM2Config
-from fastface.dcg import DCG_CONFIGS, DCGConfig, StepSchedule
+from fastface import dcg
+from fastface.dcg import DCG_CONFIGS, Branch, DCGConfig, StepSchedule
 from fastface.hooks import attach
 from fastface.models.attention import IdentityAttention
 from fastface.models.unet import UNet, get_unet_config
@@ -141,17 +142,24 @@ def test_branch_skipping_equals_full_computation(unet: UNet) -> None:
 
 
 def test_device_gather_path_matches_host_path(unet: UNet) -> None:
+    """The device coefficients (0-dim tensors gathered at a device step index) guide like the host floats."""
     inp = inputs(1)
     with attach(unet, dcg="paper", null_id=NULL_ID, timesteps=TS) as h:
         h.keep_all = True
+        tab = h.plan.tables("cpu")
         for step in range(4):
             preds = {}
             for br, (tx, idn) in zip(DCG_CONFIGS["paper"].branches, [(False, False), (False, True), (True, True)]):
                 h.remove()
                 preds[br] = branch(unet, inp, TS[step], tx, idn)
             host = DCG_CONFIGS["paper"].guide(preds, step, 4)
-            dev = h._guide_device(preds, torch.tensor(step), torch.device("cpu"))
+            c = tab.gather(tab.step_of(torch.tensor(TS[step])))
+            dev = dcg.guide(preds, c.alpha, c.beta, DCG_CONFIGS["paper"].rescale)
             assert rel(dev, host) < 1e-6
+            # the union without (∅,∅) at the steps where its weight is 0 (α = 1)
+            if step in (0, 3):
+                sub = {b: p for b, p in preds.items() if b is not Branch.UNCOND}
+                assert rel(dcg.guide(sub, c.alpha, c.beta, DCG_CONFIGS["paper"].rescale), host) < 1e-6
 
 
 def test_remove_restores_bit_identical_outputs(unet: UNet) -> None:
@@ -231,3 +239,45 @@ def test_errors(unet: UNet) -> None:
             call(unet, inputs(1), TS[0], step=9)
     with pytest.raises(ValueError, match="shorter|steps|schedule"):
         attach(unet, dcg=DCGConfig(alpha=StepSchedule.custom([1.0, 2.0])), null_id=NULL_ID, timesteps=TS)
+
+
+def test_attach_refuses_a_unet_that_has_a_handle(unet: UNet) -> None:
+    with attach(unet, dcg="paper", null_id=NULL_ID, timesteps=TS) as h:
+        with pytest.raises(ValueError, match=r"already has FastFace attached \(dcg=DCGConfig\(.*steps=4\); call "
+                                             r"\.remove\(\)"):
+            attach(unet, am="am1")
+        assert fastface.hooks.attached(unet) is h
+    assert fastface.hooks.attached(unet) is None
+    attach(unet, am="am1").remove()  # free again after removal
+
+
+def test_am_hook_outside_a_unet_call_raises(unet: UNet) -> None:
+    """The AM hooks take their step from the UNet call in flight; called alone they raise, never guess step 0."""
+    name, attn = unet.cross_attention_layers()[0]
+    tokens = torch.randn(1, 16, attn.heads * attn.head_dim)
+    inp = inputs(1)
+    for am in ("am1", "am2"):
+        with attach(unet, dcg="paper", am=am, null_id=NULL_ID, timesteps=TS):
+            call(unet, inp, TS[1])  # a UNet call works, and leaves no call in flight behind
+            with pytest.raises(RuntimeError, match="outside a UNet call"), torch.no_grad():
+                attn(tokens, inp["context"], id_tokens=inp["id_tokens"])
+
+
+def test_step_plan_is_resolved_once_per_schedule(unet: UNet, monkeypatch) -> None:
+    """Schedules are resolved when the timesteps are announced, not per UNet call or per hook call."""
+    calls = {"dcg": 0, "am": 0}
+    for cls, key, meth in ((DCGConfig, "dcg", "coefficients"), (AM2Config, "am", "steps")):
+        orig = getattr(cls, meth)
+
+        def counted(self, n, *a, _orig=orig, _key=key):
+            calls[_key] += 1
+            return _orig(self, n, *a)
+
+        monkeypatch.setattr(cls, meth, counted)
+    with attach(unet, dcg="paper", am="am2", null_id=NULL_ID, timesteps=TS) as h:
+        resolved = dict(calls)
+        for t in TS:
+            call(unet, inputs(1), t)
+        assert calls == resolved  # no schedule resolved during the 4 calls
+        h.set_timesteps(TS[:2])
+        assert calls["am"] == resolved["am"] + 1

@@ -22,7 +22,17 @@ from fastface.models.attention import IdentityAttention, attention, merge_heads,
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DiffusersIdentityProcessor", "DIFFUSERS_ID_SPEC", "install_diffusers_identity"]
+__all__ = ["DIFFUSERS_ID_SPEC", "DIFFUSERS_UNET", "DiffusersIdentityProcessor", "install_diffusers_identity"]
+
+# diffusers' UNet2DConditionModel with its own IP-Adapter (the drop-in, fastface.integrations.diffusers):
+# unet(sample, timestep, encoder_hidden_states, added_cond_kwargs={"image_embeds": [...], ...}).
+DIFFUSERS_UNET = CallSpec(
+    x="sample",
+    t="timestep",
+    text=("encoder_hidden_states", "added_cond_kwargs.text_embeds"),
+    id=("added_cond_kwargs.image_embeds",),
+    batch=("added_cond_kwargs.time_ids", "timestep_cond"),
+)
 
 # unet(sample, timestep, encoder_hidden_states, added_cond_kwargs={...}, cross_attention_kwargs={"id_tokens": ...})
 DIFFUSERS_ID_SPEC = CallSpec(

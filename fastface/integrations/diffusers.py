@@ -3,7 +3,7 @@
 The pipeline keeps everything the user set up: the IP-Adapter FaceID / FaceID-Plus-v2 loaded by diffusers'
 ``load_ip_adapter`` (its FaceID LoRA loaded by diffusers too), the scheduler, other LoRAs. :func:`enable` adds:
 
-- **DCG** through :func:`fastface.attach` on ``pipe.unet`` with the :data:`~fastface.hooks.DIFFUSERS_UNET` call
+- **DCG** through :func:`fastface.attach` on ``pipe.unet`` with the :data:`~fastface.integrations.DIFFUSERS_UNET` call
   spec: the identity conditioning is ``added_cond_kwargs["image_embeds"]``, its null the adapter's input for a
   zero face embedding (FaceID-Plus-v2: with the CLIP features of a zero image). Plus-v2's CLIP features live on
   diffusers' projection layer (``clip_embeds``), not in the call: a pre-hook packs them with the embeddings, so
@@ -43,7 +43,8 @@ from torch import nn
 
 import fastface
 from fastface.am import AM2Config
-from fastface.hooks import DIFFUSERS_UNET, FastFace
+from fastface.hooks import FastFace
+from fastface.integrations import DIFFUSERS_UNET
 from fastface.models.attention import HookPoint, merge_heads, split_heads
 
 logger = logging.getLogger(__name__)

@@ -8,123 +8,21 @@ an empty ``ip`` slot for the decoupled identity branch that the adapters install
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fastface.models.attention import Attention
+from fastface.models.unet_config import (  # re-exported: the config's historical home
+    SDXL_DOWN_BLOCKS,
+    SDXL_UP_BLOCKS,
+    UNET_CONFIGS,
+    UNetConfig,
+    get_unet_config,
+)
 
-SDXL_DOWN_BLOCKS = ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D")
-SDXL_UP_BLOCKS = ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")
-
-
-@dataclass(frozen=True)
-class UNetConfig:
-    """Shapes of an SDXL-family UNet; ``depth[i]`` transformer blocks per attention at level i (0 = no attention)."""
-
-    in_channels: int = 4
-    out_channels: int = 4
-    channels: tuple[int, ...] = (320, 640, 1280)
-    layers_per_block: int = 2
-    depth: tuple[int, ...] = (0, 2, 10)
-    heads: tuple[int, ...] = (5, 10, 20)
-    context_dim: int = 2048
-    pooled_dim: int = 1280
-    time_id_dim: int = 256  # diffusers' addition_time_embed_dim: sinusoid size per time id
-    num_time_ids: int = 6
-    norm_groups: int = 32
-    time_cond_proj_dim: int | None = None  # LCM-SDXL full UNet: guidance embedding added to the sinusoid
-    sample_size: int = 128  # default latent size (1024 px); SDXL-Turbo uses 64
-
-    def __post_init__(self) -> None:
-        n = len(self.channels)
-        if not (len(self.depth) == len(self.heads) == n) or n < 2:
-            raise ValueError(f"UNetConfig: channels, depth and heads need one entry per level (>= 2): {self}")
-        for c, d, h in zip(self.channels, self.depth, self.heads):
-            if c % self.norm_groups or (d > 0 and c % h):
-                raise ValueError(f"UNetConfig: {c} channels do not split into {self.norm_groups} groups / {h} heads")
-        if self.depth[-1] <= 0 or self.layers_per_block < 1:
-            raise ValueError(f"UNetConfig: the last level (and so the mid block) needs attention: {self}")
-
-    @property
-    def mid_depth(self) -> int:
-        """Transformer blocks in the mid block: the depth of the last level, as in diffusers and sgm."""
-        return self.depth[-1]
-
-    @property
-    def time_embed_dim(self) -> int:
-        return 4 * self.channels[0]
-
-    @property
-    def add_in_dim(self) -> int:
-        """Input size of the text-time embedding: pooled text ‖ sinusoids of the time ids (2816 for SDXL)."""
-        return self.pooled_dim + self.num_time_ids * self.time_id_dim
-
-    def replace(self, **changes: Any) -> UNetConfig:
-        """A copy with some fields changed."""
-        return UNetConfig(**{**{f.name: getattr(self, f.name) for f in fields(self)}, **changes})
-
-    def to_diffusers_config(self) -> dict[str, Any]:
-        """The equivalent diffusers ``UNet2DConditionModel`` config (a plain dict, as in ``unet/config.json``)."""
-        down = ["CrossAttnDownBlock2D" if d else "DownBlock2D" for d in self.depth]
-        up = ["CrossAttnUpBlock2D" if d else "UpBlock2D" for d in reversed(self.depth)]
-        return {
-            "_class_name": "UNet2DConditionModel",
-            "sample_size": self.sample_size,
-            "in_channels": self.in_channels,
-            "out_channels": self.out_channels,
-            "down_block_types": down,
-            "up_block_types": up,
-            "mid_block_type": "UNetMidBlock2DCrossAttn",
-            "block_out_channels": list(self.channels),
-            "layers_per_block": self.layers_per_block,
-            "transformer_layers_per_block": [max(d, 1) for d in self.depth],
-            "attention_head_dim": list(self.heads),
-            "num_attention_heads": None,
-            "cross_attention_dim": self.context_dim,
-            "use_linear_projection": True,
-            "addition_embed_type": "text_time",
-            "addition_time_embed_dim": self.time_id_dim,
-            "projection_class_embeddings_input_dim": self.add_in_dim,
-            "flip_sin_to_cos": True,
-            "freq_shift": 0,
-            "norm_num_groups": self.norm_groups,
-            "norm_eps": 1e-5,
-            "act_fn": "silu",
-            "time_cond_proj_dim": self.time_cond_proj_dim,
-        }
-
-    @classmethod
-    def from_diffusers_config(cls, cfg: dict[str, Any]) -> UNetConfig:
-        """Read a diffusers ``unet/config.json`` dict; raises ValueError if it is not an SDXL UNet layout."""
-        from fastface.models.unet_loading import config_from_diffusers  # keeps the validation rules in one place
-
-        return config_from_diffusers(cfg)
-
-
-UNET_CONFIGS: dict[str, UNetConfig] = {
-    "sdxl": UNetConfig(),
-    # Same block layout and attention count (70 transformer blocks, 140 attention layers) at small widths.
-    "tiny": UNetConfig(
-        channels=(32, 64, 128),
-        heads=(2, 4, 8),
-        context_dim=64,
-        pooled_dim=32,
-        time_id_dim=8,
-        sample_size=16,
-    ),
-}
-
-
-def get_unet_config(name: str) -> UNetConfig:
-    """The registered UNet config called ``name`` ("sdxl", "tiny")."""
-    try:
-        return UNET_CONFIGS[name]
-    except KeyError:
-        raise ValueError(f"unknown UNet config {name!r}; known: {sorted(UNET_CONFIGS)}") from None
+__all__ = ["SDXL_DOWN_BLOCKS", "SDXL_UP_BLOCKS", "UNET_CONFIGS", "UNet", "UNetConfig", "get_unet_config"]
 
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Loading SDXL UNet weights: diffusers folders, single-file LDM/SGM checkpoints, bare diffusers-keyed files.
 
 Also holds the LDM <-> diffusers key map (derived from the config by the index rules of the original
-``openaimodel.UNetModel``), config inference from weight shapes, and the checks that a config is an SDXL layout.
+``openaimodel.UNetModel``) and config inference from weight shapes; the SDXL layout checks live in
+:mod:`fastface.models.unet_config`.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -23,135 +23,20 @@ from fastface.models.loading import (
     read_weight_files,
     read_weights,
 )
-from fastface.models.unet import SDXL_DOWN_BLOCKS, SDXL_UP_BLOCKS, UNet, UNetConfig, get_unet_config
+from fastface.models.unet import UNet
+from fastface.models.unet_config import (  # re-exported: config_from_diffusers and check_sdxl_layout lived here
+    UNetConfig,
+    check_sdxl_layout,
+    config_from_diffusers,
+    get_unet_config,
+    not_sdxl,
+)
 
 logger = logging.getLogger(__name__)
 
 LDM_PREFIX = "model.diffusion_model."
 WEIGHT_STEM = "diffusion_pytorch_model"
 SDXL_HEAD_DIM = 64  # every released SDXL-family UNet uses 64-channel heads
-
-# diffusers config entries that must hold these values (missing entries take diffusers' defaults, given second).
-_REQUIRED: dict[str, tuple[Any, Any]] = {
-    "addition_embed_type": ("text_time", None),
-    "use_linear_projection": (True, False),
-    "flip_sin_to_cos": (True, True),
-    "freq_shift": (0, 0),
-    "act_fn": ("silu", "silu"),
-    "norm_eps": (1e-5, 1e-5),
-    "mid_block_type": ("UNetMidBlock2DCrossAttn", "UNetMidBlock2DCrossAttn"),
-    "time_embedding_type": ("positional", "positional"),
-    "resnet_time_scale_shift": ("default", "default"),
-    "class_embed_type": (None, None),
-    "encoder_hid_dim": (None, None),
-    "center_input_sample": (False, False),
-    "dual_cross_attention": (False, False),
-    "conv_in_kernel": (3, 3),
-    "conv_out_kernel": (3, 3),
-    "attention_type": ("default", "default"),
-    "time_embedding_act_fn": (None, None),
-    "timestep_post_act": (None, None),
-    "resnet_skip_time_act": (False, False),
-    "resnet_out_scale_factor": (1.0, 1.0),
-    "class_embeddings_concat": (False, False),
-    "cross_attention_norm": (None, None),
-    "num_class_embeds": (None, None),
-    "mid_block_scale_factor": (1, 1),
-    "downsample_padding": (1, 1),
-    "dropout": (0.0, 0.0),
-}
-
-
-def _not_sdxl(reason: str) -> ValueError:
-    return ValueError(
-        f"not an SDXL UNet layout: {reason}. fastface supports SDXL base-family UNets (SDXL 1.0 and its "
-        "fine-tunes and distillations: Lightning, Hyper-SD, LCM, Turbo); SD1.x/2.x and the SDXL refiner are not "
-        "supported"
-    )
-
-
-def _per_level(value: Any, n: int, name: str) -> tuple[int, ...]:
-    if isinstance(value, int):
-        return (value,) * n
-    if isinstance(value, (list, tuple)) and len(value) == n and all(isinstance(v, int) for v in value):
-        return tuple(value)
-    raise _not_sdxl(f"{name} = {value!r} (expected an int or {n} ints)")
-
-
-def config_from_diffusers(cfg: Mapping[str, Any]) -> UNetConfig:
-    """The :class:`UNetConfig` of a diffusers ``UNet2DConditionModel`` config dict; ValueError if not SDXL layout."""
-    name = cfg.get("_class_name", "UNet2DConditionModel")
-    if name != "UNet2DConditionModel":
-        raise _not_sdxl(f"the config describes a {name}, not a UNet2DConditionModel")
-    down = tuple(cfg.get("down_block_types", ()))
-    up = tuple(cfg.get("up_block_types", ()))
-    if down != SDXL_DOWN_BLOCKS or up != SDXL_UP_BLOCKS:
-        raise _not_sdxl(
-            f"down_block_types {list(down)} / up_block_types {list(up)} "
-            f"(SDXL has {list(SDXL_DOWN_BLOCKS)} / {list(SDXL_UP_BLOCKS)})"
-        )
-    bad = []
-    for key, (want, default) in _REQUIRED.items():
-        got = cfg.get(key, default)
-        if key == "mid_block_type" and got is None:
-            got = default
-        if got != want:
-            bad.append(f"{key}={got!r} (need {want!r})")
-    only_cross = cfg.get("only_cross_attention", False)
-    if any(only_cross) if isinstance(only_cross, (list, tuple)) else only_cross:
-        bad.append(f"only_cross_attention={only_cross!r} (need False)")
-    if bad:
-        raise _not_sdxl(", ".join(bad))
-    n = len(down)
-    channels = _per_level(cfg.get("block_out_channels"), n, "block_out_channels")
-    layers = cfg.get("layers_per_block", 2)
-    if isinstance(layers, (list, tuple)):
-        if len(set(layers)) != 1:
-            raise _not_sdxl(f"layers_per_block = {layers!r} differs between levels")
-        layers = layers[0]
-    depth = _per_level(cfg.get("transformer_layers_per_block", 1), n, "transformer_layers_per_block")
-    reverse = cfg.get("reverse_transformer_layers_per_block")
-    if reverse is not None and tuple(reverse) != depth[::-1]:
-        raise _not_sdxl(f"reverse_transformer_layers_per_block = {reverse!r}")
-    heads = _per_level(cfg.get("num_attention_heads") or cfg.get("attention_head_dim", 8), n, "attention heads")
-    context_dim = cfg.get("cross_attention_dim", 1280)
-    if not isinstance(context_dim, int):
-        raise _not_sdxl(f"cross_attention_dim = {context_dim!r} (expected one int)")
-    time_id_dim = cfg.get("addition_time_embed_dim")
-    add_in = cfg.get("projection_class_embeddings_input_dim")
-    if not isinstance(time_id_dim, int) or not isinstance(add_in, int) or add_in <= 6 * time_id_dim:
-        raise _not_sdxl(
-            f"addition_time_embed_dim = {time_id_dim!r}, projection_class_embeddings_input_dim = {add_in!r}"
-        )
-    ted = cfg.get("time_embedding_dim")
-    if ted is not None and ted != 4 * channels[0]:
-        raise _not_sdxl(f"time_embedding_dim = {ted} (need {4 * channels[0]})")
-    try:
-        return UNetConfig(
-            in_channels=cfg.get("in_channels", 4),
-            out_channels=cfg.get("out_channels", 4),
-            channels=channels,
-            layers_per_block=layers,
-            depth=(0,) + depth[1:],  # the first level (DownBlock2D) has no attention whatever its entry says
-            heads=heads,
-            context_dim=context_dim,
-            pooled_dim=add_in - 6 * time_id_dim,
-            time_id_dim=time_id_dim,
-            norm_groups=cfg.get("norm_num_groups", 32),
-            time_cond_proj_dim=cfg.get("time_cond_proj_dim"),
-            sample_size=cfg.get("sample_size") or 128,
-        )
-    except ValueError as exc:
-        raise _not_sdxl(str(exc)) from None
-
-
-def check_sdxl_layout(config: UNetConfig) -> None:
-    """Raise ValueError unless ``config`` has SDXL's block layout (3 levels; attention on levels 1 and 2 only)."""
-    if len(config.channels) != 3 or config.depth[0] != 0 or min(config.depth[1:]) <= 0:
-        raise _not_sdxl(f"{len(config.channels)} levels with transformer depths {config.depth}")
-    if config.num_time_ids != 6:
-        raise _not_sdxl(f"{config.num_time_ids} time ids (SDXL has 6)")
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # LDM (sgm openaimodel) <-> diffusers key names
@@ -286,9 +171,9 @@ def infer_unet_config(sd: Mapping[str, torch.Tensor], source: str | os.PathLike 
         proj = f"down_blocks.{b}.attentions.0.proj_in.weight"
         if proj in sd and len(sd[proj].shape) != 2:
             reason = "proj_in is a 1x1 conv (SD1.x/2.x style), SDXL uses linear projections"
-            raise WeightFormatError(f"{source}: {_not_sdxl(reason)}")
+            raise WeightFormatError(f"{source}: {not_sdxl(reason)}")
     if "add_embedding.linear_1.weight" not in sd:
-        raise WeightFormatError(f"{source}: {_not_sdxl('no text-time add embedding (add_embedding.linear_1.weight)')}")
+        raise WeightFormatError(f"{source}: {not_sdxl('no text-time add embedding (add_embedding.linear_1.weight)')}")
     add_in = _shape(sd, "add_embedding.linear_1.weight", source)[1]
     if add_in <= 6 * 256:
         raise WeightFormatError(
@@ -320,7 +205,7 @@ def infer_unet_config(sd: Mapping[str, torch.Tensor], source: str | os.PathLike 
 def infer_unet_config_ldm(sd: Mapping[str, torch.Tensor], source: str | os.PathLike = "<state dict>") -> UNetConfig:
     """Infer the config of an LDM-keyed state dict (levels, layers and depths read from the block indices)."""
     if "label_emb.0.0.weight" not in sd:
-        raise WeightFormatError(f"{source}: {_not_sdxl('no label_emb (text-time embedding): an SD1.x/2.x UNet?')}")
+        raise WeightFormatError(f"{source}: {not_sdxl('no label_emb (text-time embedding): an SD1.x/2.x UNet?')}")
     ops = sorted(int(k.split(".")[1]) for k in sd if k.startswith("input_blocks.") and ".0.op." in k)
     n_in = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("input_blocks."))
     lpb = ops[0] - 1 if ops else n_in - 1
