@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from fastface.models.unet import UNet, get_unet_config
+from fastface.models.unet import UNet, UNetConfig, get_unet_config
 from fastface.models.unet_loading import load_unet
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -35,11 +35,11 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def make_models(config_name: str, dtype: torch.dtype, device: str):
+def make_models(config_name: str | UNetConfig, dtype: torch.dtype, device: str):
     """diffusers' UNet with random weights, and ours sharing the very same tensors (no second copy)."""
     from diffusers import UNet2DConditionModel
 
-    cfg = get_unet_config(config_name)
+    cfg = get_unet_config(config_name) if isinstance(config_name, str) else config_name
     torch.manual_seed(0)
     with torch.device(device):
         ref = UNet2DConditionModel(**{k: v for k, v in cfg.to_diffusers_config().items() if k != "_class_name"})

@@ -29,6 +29,15 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(b, n, h * d)
 
 
+def has_hooks(module: nn.Module) -> bool:
+    """Whether a forward hook (or pre-hook, module-local or global) would run when ``module`` is called."""
+    from torch.nn.modules import module as _m
+
+    return bool(
+        module._forward_hooks or module._forward_pre_hooks or _m._global_forward_hooks or _m._global_forward_pre_hooks
+    )
+
+
 class HookPoint(nn.Module):
     """A named identity module: ``forward(x, *context) -> x``.
 
@@ -43,7 +52,8 @@ class IdentityAttention(nn.Module):
     """The decoupled identity branch of IP-Adapter: ``o_txt + scale · softmax(q K'^T / sqrt(d)) V'``.
 
     ``to_k_ip``/``to_v_ip`` project the identity tokens; ``probs`` carries the attention map [B, H, N, K] and
-    ``head_out`` the per-head output [B, H, N, d] (its hooks also see the original map and the values).
+    ``head_out`` the per-head output [B, H, N, d] (its hooks also see the original map and the values). The map is
+    computed explicitly only when a hook is registered on one of them; otherwise SDPA computes the same output.
     """
 
     def __init__(self, dim: int, context_dim: int, heads: int, head_dim: int) -> None:
@@ -60,6 +70,9 @@ class IdentityAttention(nn.Module):
     ) -> torch.Tensor:
         k = split_heads(self.to_k_ip(tokens), self.heads)  # [B, H, K, d]
         v = split_heads(self.to_v_ip(tokens), self.heads)  # [B, H, K, d]
+        if not (has_hooks(self.probs) or has_hooks(self.head_out)):
+            # nothing reads or replaces the map: the fused kernel, without materialising [B, H, N, K]
+            return self.combine(o_txt, attention(q, k, v), scale)
         a = torch.softmax(q @ k.transpose(-1, -2) * self.head_dim**-0.5, dim=-1)  # [B, H, N, K]
         a_t = self.probs(a)
         o_id = self.head_out(a_t @ v, a, v)  # [B, H, N, d]
