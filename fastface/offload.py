@@ -8,7 +8,7 @@ meantime is copied back instead.
 
 A pipeline loads everything on the CPU and wraps each stage::
 
-    with on_device(text_encoders, "cuda"):   # prompt encoding
+    with on_device([text.encoder_1, text.encoder_2], "cuda"):   # prompt encoding
         ...
     with on_device(image_encoder, "cuda"):   # identity encoding
         ...
@@ -20,7 +20,7 @@ A pipeline loads everything on the CPU and wraps each stage::
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -40,21 +40,27 @@ def module_device(module: nn.Module) -> torch.device:
 
 @contextmanager
 def on_device(
-    module: nn.Module, device: str | torch.device, dtype: torch.dtype | None = None, non_blocking: bool = False
-) -> Iterator[nn.Module]:
+    module: nn.Module | Sequence[nn.Module],
+    device: str | torch.device,
+    dtype: torch.dtype | None = None,
+    non_blocking: bool = False,
+) -> Iterator[nn.Module | Sequence[nn.Module]]:
     """Context manager: ``module`` lives on ``device`` inside the block and returns to its own tensors after.
 
-    Yields the module. ``dtype`` optionally casts floating tensors for the block too (``module.to(device, dtype)``;
+    Yields ``module``, which may also be a sequence of modules moved together (e.g. both text encoders). ``dtype`` optionally casts floating tensors for the block too (``module.to(device, dtype)``;
     e.g. an fp32 VAE decode). Nothing moves when the module is already there (and in that dtype). Parameters keep their identity (``p.data`` is
     swapped), so optimisers, hooks and references to the parameters stay valid. On exit the device copies are
     dropped and the original tensors restored, even when the block raises.
     """
+    given = module
+    if not isinstance(module, nn.Module):
+        module = nn.ModuleList(list(module))  # a view for the walk below; the modules themselves are not changed
     device = torch.device(device)
     if device.type == "meta":
         raise ValueError("on_device: 'meta' holds no data; pass the accelerator to run the module on (e.g. 'cuda')")
     home = module_device(module)
     if _same_device(home, device) and (dtype is None or all(p.dtype == dtype for p in _floating(module))):
-        yield module
+        yield given
         return
     # originals: (owner module, name, tensor object registered there, its data) for every parameter and buffer
     saved = []
@@ -67,7 +73,7 @@ def on_device(
                 saved.append((mod, name, False, b, b))
     module.to(device, dtype, non_blocking=non_blocking)
     try:
-        yield module
+        yield given
     finally:
         for mod, name, is_param, obj, data in saved:
             if is_param:

@@ -83,3 +83,12 @@ def test_cuda_roundtrip():
         assert module_device(m).type == "cuda"
         out = m(x.cuda()).cpu()
     assert snapshot(m) == before and torch.allclose(out, ref, atol=1e-5)
+
+
+def test_several_modules_together():
+    a, b = small_model(), small_model()
+    before = (snapshot(a), snapshot(b))
+    with on_device([a, b], "cpu", dtype=torch.float64) as pair:
+        assert pair[0] is a and pair[1] is b
+        assert a[0].weight.dtype == b[0].weight.dtype == torch.float64
+    assert (snapshot(a), snapshot(b)) == before
