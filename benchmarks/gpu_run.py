@@ -1,5 +1,6 @@
 """The GPU run: parity, UNet speed, image speed and memory at the real SDXL shapes, no download needed.
 
+    pip install torch==2.13.0 && pip install -e ".[test]"     # diffusers/transformers/peft: the reference side
     python benchmarks/gpu_run.py --out gpu_results            # one H100/H200-class GPU, ~5-8 min
     python benchmarks/gpu_run.py --dry-run --out /tmp/dry     # CPU, tiny configs, the same code paths (CI)
 
@@ -15,7 +16,8 @@ Sections, in order (each is timed and recorded; a failing section records its er
 4. ``offload``: peak VRAM per method with our pipeline's ``offload`` option (when the Pipeline has one).
 5. ``unet_compiled``: the UNet forward compiled (``torch.compile``, ``mode="reduce-overhead"``: CUDA graphs),
    ours vs diffusers.
-6. ``images_compiled``: our pipeline with its UNet compiled, seconds per image per method.
+6. ``images_compiled``: our pipeline with its UNet compiled (``unet.compile()``), seconds per image for
+   fastface-am1 and am1 (each method's first image compiles for its branch sets).
 
 Writes ``gpu_run.json`` and ``gpu_run.md`` (one table per section) into ``--out``.
 """
@@ -64,17 +66,17 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _timed(fn, device: str, repeats: int) -> dict[str, float]:
-    """Seconds per call: min and median of ``repeats`` calls after one warm-up call."""
-    fn()
+def _timed(fn, device: str, repeats: int) -> tuple[dict[str, float], object]:
+    """Seconds per call (min and median of ``repeats`` calls after one warm-up call) and the last result."""
+    out = fn()
     times = []
     for _ in range(repeats):
         _sync(device)
         t = time.perf_counter()
-        fn()
+        out = fn()
         _sync(device)
         times.append(time.perf_counter() - t)
-    return {"min": min(times), "median": statistics.median(times)}
+    return {"min": min(times), "median": statistics.median(times)}, out
 
 
 def _reset_peak(device: str) -> None:
@@ -125,8 +127,8 @@ def _unet_speed(run: Run, compile_kw: dict | None) -> dict:
         call_ours(fo, inp)  # first call: compiles when compiling
         call_ref(fr, inp)
         out["first_call_s"] = time.perf_counter() - t
-        out["ours_s"] = _timed(lambda: call_ours(fo, inp), run.device, run.repeats)
-        out["diffusers_s"] = _timed(lambda: call_ref(fr, inp), run.device, run.repeats)
+        out["ours_s"] = _timed(lambda: call_ours(fo, inp), run.device, run.repeats)[0]
+        out["diffusers_s"] = _timed(lambda: call_ref(fr, inp), run.device, run.repeats)[0]
     out["ratio_ours_over_diffusers"] = out["ours_s"]["median"] / out["diffusers_s"]["median"]
     _free(ref, ours, fo, fr)
     return out
@@ -152,8 +154,8 @@ def _images(run: Run, files, side: str, setup=None, methods: list[str] | None = 
         fn = image_fn(side, files, ns, run.dry) if setup is None else setup(ns)
         for method in methods or run.methods:
             _reset_peak(run.device)
-            out[method] = {"seconds": _timed(lambda: fn(method), run.device, run.repeats),
-                           "evals": fn(method)[1], "peak_vram_gb": _peak(run.device)}
+            seconds, (_, evals) = _timed(lambda: fn(method), run.device, run.repeats)
+            out[method] = {"seconds": seconds, "evals": evals, "peak_vram_gb": _peak(run.device)}
     _free(fn)
     return out
 
@@ -209,7 +211,8 @@ def section_images_compiled(run: Run, files) -> dict:
 
         return fn
 
-    methods = run.methods[:1] if run.dry else None  # dry run: one compile of the tiny pipeline's UNet
+    # one method in the dry run (one compile of the tiny UNet); on the GPU the two headline FastFace figures
+    methods = run.methods[:1] if run.dry else [m for m in ("fastface-am1", "am1") if m in run.methods] or None
     return {"compile": run.pipeline_compile_kw, **_images(run, files, "ours", setup, methods)}
 
 
@@ -270,7 +273,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", required=True, help="folder for gpu_run.json and gpu_run.md")
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny configs: check the script (CI)")
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--methods", default=None, help=f"comma-separated (default {','.join(METHODS)})")
     ap.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset of the sections")
     ap.add_argument("--budget-s", type=float, default=420.0, help="skip the remaining sections after this")
