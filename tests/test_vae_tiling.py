@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from test_vae import TINY, ref_vae, rel_err  # noqa: F401 (fixture)
 
-from fastface.models.vae_loading import load_vae
+from fastface.models.vae_loading import load_vae, load_vae_from_state_dict
 from fastface.models.vae_tiling import tiled_decode
 
 TILE = 8  # latents per tile side in these tests (the tiny VAE upsamples x2, so 16 px tiles)
@@ -70,3 +70,17 @@ def test_close_to_plain_decode_and_identical_within_one_tile(ours):
 def test_bad_arguments():
     with pytest.raises(ValueError, match="overlap"):
         tiled_decode(lambda z: z, latents(4, 4), tile=2, overlap=1.0)
+
+
+def test_fp16_overflow_fallback_is_tiled_too(ref_vae):  # noqa: F811
+    """An fp16 decode that overflows is redone in fp32 tile by tile: equal to the fp32 tiled decode of the same
+    (fp16-rounded) weights. The overflow is made as in test_vae: conv_in scaled so activations pass 65504."""
+    sd = {k: v.clone() for k, v in ref_vae.state_dict().items()}
+    sd["decoder.conv_in.weight"] *= 4000.0
+    sd["decoder.conv_in.bias"] *= 4000.0
+    half = load_vae_from_state_dict(sd, "tiny", dtype=torch.float16)
+    z = latents(20, 28)[:1]
+    img = half.decode(z, tile=TILE)
+    assert half._fp16_overflows and torch.isfinite(img).all()
+    want = load_vae_from_state_dict({k: v.half().float() for k, v in sd.items()}, "tiny").decode(z, tile=TILE)
+    assert rel_err(img, want) < 1e-5

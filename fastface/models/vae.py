@@ -217,17 +217,18 @@ class AutoencoderKL(nn.Module):
             z = self.post_quant_conv(z)
         return self.decoder(z)
 
-    def _decode_upcast(self, latents: torch.Tensor) -> torch.Tensor:
-        """``decode_raw`` with temporary ``upcast_dtype`` copies of the weights (the module itself is unchanged)."""
+    def _upcast_decoder(self):
+        """``latents -> decode_raw(latents)`` with temporary ``upcast_dtype`` copies of the weights, made once (the
+        module itself is unchanged; tiles share the copies)."""
         dt = self.upcast_dtype
         params = {k: (v.to(dt) if v.is_floating_point() else v) for k, v in self.state_dict().items()}
-        return torch.func.functional_call(self, params, (latents.to(dt),), strict=True, tie_weights=False)
+        return lambda z: torch.func.functional_call(self, params, (z.to(dt),), strict=True, tie_weights=False)
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
         return self.decode_raw(latents)
 
     @property
-    def scale_factor(self) -> int:
+    def upsampling_factor(self) -> int:
         """Pixels per latent along each side (8 for SDXL)."""
         return 2 ** (len(self.config.block_out_channels) - 1)
 
@@ -245,10 +246,10 @@ class AutoencoderKL(nn.Module):
         def run(fn):
             if tile is None:
                 return fn(latents)
-            return tiled_decode(fn, latents, tile=tile, scale=self.scale_factor)
+            return tiled_decode(fn, latents, tile=tile, scale=self.upsampling_factor)
 
         if self.dtype == torch.float16 and self._fp16_overflows:
-            x = run(self._decode_upcast)
+            x = run(self._upcast_decoder())
         else:
             x = run(self.decode_raw)
             if self.dtype == torch.float16 and not bool(torch.isfinite(x).all()):
@@ -259,7 +260,7 @@ class AutoencoderKL(nn.Module):
                     str(self.upcast_dtype).replace("torch.", ""),
                 )
                 self._fp16_overflows = True
-                x = run(self._decode_upcast)
+                x = run(self._upcast_decoder())
         return (x.float() / 2 + 0.5).clamp(0, 1)
 
     @torch.no_grad()
