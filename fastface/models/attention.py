@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _torch_module
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -31,10 +32,11 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
 
 def has_hooks(module: nn.Module) -> bool:
     """Whether a forward hook (or pre-hook, module-local or global) would run when ``module`` is called."""
-    from torch.nn.modules import module as _m
-
     return bool(
-        module._forward_hooks or module._forward_pre_hooks or _m._global_forward_hooks or _m._global_forward_pre_hooks
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or _torch_module._global_forward_hooks
+        or _torch_module._global_forward_pre_hooks
     )
 
 
