@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from fastface.models.unet import UNet, get_unet_config
+from fastface.models.unet import UNet, UNetConfig, get_unet_config
 from fastface.models.unet_loading import load_unet
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -35,11 +35,11 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def make_models(config_name: str, dtype: torch.dtype, device: str):
+def make_models(config_name: str | UNetConfig, dtype: torch.dtype, device: str):
     """diffusers' UNet with random weights, and ours sharing the very same tensors (no second copy)."""
     from diffusers import UNet2DConditionModel
 
-    cfg = get_unet_config(config_name)
+    cfg = get_unet_config(config_name) if isinstance(config_name, str) else config_name
     torch.manual_seed(0)
     with torch.device(device):
         ref = UNet2DConditionModel(**{k: v for k, v in cfg.to_diffusers_config().items() if k != "_class_name"})
@@ -87,15 +87,18 @@ def parity_and_speed(args) -> None:
             return
         times = {"ours": [], "diffusers": []}
         for _ in range(args.repeats):
-            for name, fn, model in (("ours", call_ours, ours), ("diffusers", call_ref, ref)):
+            order = (("ours", call_ours, ours), ("diffusers", call_ref, ref))
+            for name, fn, model in order if len(times["ours"]) % 2 == 0 else order[::-1]:  # alternate who goes first
                 _sync(device)
                 t = time.perf_counter()
                 fn(model, inp)
                 _sync(device)
                 times[name].append(time.perf_counter() - t)
     med = {k: statistics.median(v) for k, v in times.items()}
+    ratios = [a / b for a, b in zip(times["ours"], times["diffusers"])]
     print(f"(b) forward, median of {args.repeats}: ours {med['ours'] * 1e3:.1f} ms, diffusers "
-          f"{med['diffusers'] * 1e3:.1f} ms, ratio ours/diffusers = {med['ours'] / med['diffusers']:.3f}")
+          f"{med['diffusers'] * 1e3:.1f} ms, ratio ours/diffusers = {med['ours'] / med['diffusers']:.3f} "
+          f"(per-round ratios: min {min(ratios):.3f}, median {statistics.median(ratios):.3f})")
     print("    all runs (s): " + "; ".join(f"{k} " + " ".join(f"{x:.2f}" for x in v) for k, v in times.items()))
 
 

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .vae_tiling import tiled_decode
+
 logger = logging.getLogger(__name__)
 
 
@@ -215,26 +217,41 @@ class AutoencoderKL(nn.Module):
             z = self.post_quant_conv(z)
         return self.decoder(z)
 
-    def _decode_upcast(self, latents: torch.Tensor) -> torch.Tensor:
-        """``decode_raw`` with temporary ``upcast_dtype`` copies of the weights (the module itself is unchanged)."""
+    def _upcast_decoder(self):
+        """``latents -> decode_raw(latents)`` with temporary ``upcast_dtype`` copies of the weights, made once (the
+        module itself is unchanged; tiles share the copies)."""
         dt = self.upcast_dtype
         params = {k: (v.to(dt) if v.is_floating_point() else v) for k, v in self.state_dict().items()}
-        return torch.func.functional_call(self, params, (latents.to(dt),), strict=True, tie_weights=False)
+        return lambda z: torch.func.functional_call(self, params, (z.to(dt),), strict=True, tie_weights=False)
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
         return self.decode_raw(latents)
 
+    @property
+    def upsampling_factor(self) -> int:
+        """Pixels per latent along each side (8 for SDXL)."""
+        return 2 ** (len(self.config.block_out_channels) - 1)
+
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, tile: int | None = None) -> torch.Tensor:
         """Images [B, 3, H, W] in [0, 1] (float32) from scaled latents, as ``clamp(x / 2 + 0.5, 0, 1)``.
 
         In fp16, a non-finite output (the original SDXL VAE overflows) is detected with one check at the end and
         the batch is decoded again in ``upcast_dtype`` (fp32 by default); later calls then skip the fp16 attempt.
+        ``tile`` (latents per side, e.g. 128 = 1024 px) decodes larger latents in overlapping tiles with blended
+        seams (:func:`fastface.models.vae_tiling.tiled_decode`): memory bounded by one tile, result close to but
+        not equal to the plain decode; latents no larger than one tile decode in one piece as without it.
         """
+
+        def run(fn):
+            if tile is None:
+                return fn(latents)
+            return tiled_decode(fn, latents, tile=tile, scale=self.upsampling_factor)
+
         if self.dtype == torch.float16 and self._fp16_overflows:
-            x = self._decode_upcast(latents)
+            x = run(self._upcast_decoder())
         else:
-            x = self.decode_raw(latents)
+            x = run(self.decode_raw)
             if self.dtype == torch.float16 and not bool(torch.isfinite(x).all()):
                 logger.warning(
                     "VAE decode overflowed in float16 (inf/NaN; the original SDXL VAE does this): decoding again in "
@@ -243,7 +260,7 @@ class AutoencoderKL(nn.Module):
                     str(self.upcast_dtype).replace("torch.", ""),
                 )
                 self._fp16_overflows = True
-                x = self._decode_upcast(latents)
+                x = run(self._upcast_decoder())
         return (x.float() / 2 + 0.5).clamp(0, 1)
 
     @torch.no_grad()
