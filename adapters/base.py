@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from fastface.models.loading import WeightFormatError
-from fastface.validate import check_bool, check_int, check_number, check_scale
+from fastface.steps import check_bool, check_int, check_number, check_scale
 
 __all__ = [
     "AdapterOption", "AdapterOptionError", "AdapterPreset", "FaceSettings", "FacePreparer", "IdentityAdapter",

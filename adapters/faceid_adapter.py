@@ -33,7 +33,7 @@ from fastface.face_files import open_face_analyzer, prepare_identity, save_face_
 from fastface.hub import HubFile, HubFolder, check_ref
 from fastface.models.clip_vision import CLIPVisionEncoder, clip_preprocess
 from fastface.models.loading import WeightFormatError
-from fastface.validate import check_bool, check_number
+from fastface.steps import check_bool, check_number
 
 __all__ = ["FaceIDPreset", "FaceIDAdapter", "FaceIDPreparer", "FACEID_REPO", "CLIP_H_REPO", "IP_ADAPTER_REPO"]
 

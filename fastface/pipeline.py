@@ -37,7 +37,7 @@ from fastface.face_files import FaceInput
 from fastface.generation import METADATA_KEY, Generation, jsonable
 from fastface.models.vae import images_to_uint8
 from fastface.presets import DEFAULT_METHOD, ModelRecipe, get_model_preset, model_recipe, resolve_method
-from fastface.validate import check_scale
+from fastface.steps import check_scale
 
 logger = logging.getLogger(__name__)
 

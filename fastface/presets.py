@@ -34,10 +34,10 @@ from fastface.dcg import DCG_CONFIGS, DCGConfig, StepSchedule
 from fastface.hub import HubFile, HubFolder, WeightRef
 from fastface.hub import check_ref as _check_source
 from fastface.samplers import SAMPLERS, SPACINGS, timesteps
-from fastface.validate import check_bool as _check_bool
-from fastface.validate import check_int as _check_int
-from fastface.validate import check_number as _check_number
-from fastface.validate import known as _known
+from fastface.steps import check_bool as _check_bool
+from fastface.steps import check_int as _check_int
+from fastface.steps import check_number as _check_number
+from fastface.steps import known as _known
 
 logger = logging.getLogger(__name__)
 

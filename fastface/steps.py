@@ -15,6 +15,11 @@ import torch
 
 __all__ = [
     "check_number",
+    "check_int",
+    "check_bool",
+    "check_choice",
+    "check_scale",
+    "known",
     "check_coefficient",
     "check_steps",
     "check_step",
@@ -54,6 +59,37 @@ def check_number(
             f"{name} must be a finite number {_interval(low, high, low_open, high_open)}, got {value}"
         )
     return float(value)
+
+
+def known(kind: str, names) -> str:
+    """``"known <kind>: a, b, c"`` for error messages."""
+    return f"known {kind}: {', '.join(sorted(names))}"
+
+
+def check_int(name: str, value: object, lo: int = 1) -> int:
+    """An integer (not a bool) ``>= lo``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
+    return value
+
+
+def check_bool(name: str, value: object) -> bool:
+    """True or False (not 0/1)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def check_choice(name: str, value: object, choices) -> str:
+    """One of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; {known(name + 's', choices)}")
+    return value  # type: ignore[return-value]
+
+
+def check_scale(name: str, value: object) -> float:
+    """A non-negative finite number (an identity, LoRA or shortcut weight), as float."""
+    return check_number(name, value, 0.0)
 
 
 def check_coefficient(name: str, value: object, low: float = 0.0, high: float = math.inf) -> None:

@@ -248,7 +248,7 @@ def test_bad_inputs_are_clear_errors(files, hyper, identity, tmp_path, monkeypat
         (dict(seed=-1), "seed must be a non-negative integer"),
         (dict(num_images=0), "num_images must be a positive integer"),
         (dict(height=60), "multiples of 8"),
-        (dict(ip_scale="high"), "ip_scale must be a non-negative number"),
+        (dict(ip_scale="high"), "ip_scale must be a number, got str 'high'"),
         (dict(face=None), "face is required"),
         (dict(face=[]), "empty list"),
     ]
