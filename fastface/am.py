@@ -21,11 +21,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fastface.steps import StepSchedule, check_coefficient, check_step, check_steps
+from fastface.steps import Coef, StepSchedule, check_coefficient, check_step, check_steps
 
 logger = logging.getLogger(__name__)
-
-Coef = float | torch.Tensor
 
 __all__ = [
     "scale_power",

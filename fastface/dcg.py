@@ -25,6 +25,7 @@ from enum import Enum
 import torch
 
 from fastface.steps import (
+    Coef,
     StepSchedule,
     check_coefficient,
     check_step,
@@ -36,8 +37,6 @@ from fastface.steps import (
 )
 
 logger = logging.getLogger(__name__)
-
-Coef = float | torch.Tensor
 
 __all__ = [
     "Branch",

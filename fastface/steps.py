@@ -13,7 +13,11 @@ from dataclasses import dataclass
 
 import torch
 
+# A per-step coefficient: a host number, or a tensor (device tables of a step plan, per-sample values).
+Coef = float | torch.Tensor
+
 __all__ = [
+    "Coef",
     "check_number",
     "check_int",
     "check_bool",
