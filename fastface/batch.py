@@ -304,7 +304,8 @@ def add_batch_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGrou
                        help="regenerate existing files made with other settings (default: refuse and keep them)")
     g.add_argument("--summary", metavar="FILE", help="also write the summary (per rank and total) as JSON")
     g.add_argument("--selfcheck-weights", action="store_true",
-                   help="use tiny RANDOM weights written on the fly (offline; images are NOT meaningful; for tests)")
+                   help="use tiny RANDOM weights written on the fly (offline; images are NOT meaningful; for tests; "
+                   "a single image too)")
     g.add_argument("--dist-timeout-min", type=float, default=240.0,
                    help="under torchrun: how long rank 0 waits for the other ranks (minutes)")
 

@@ -302,3 +302,27 @@ def test_rank_device_gives_each_rank_its_gpu():
     assert rank_device("cuda", 3) == "cuda:3"  # a bare "cuda" under torchrun: one GPU per rank, not all on GPU 0
     assert rank_device("cuda:1", 3) == "cuda:1" and rank_device("cpu", 3) == "cpu"
     assert rank_device(None, 2) == ("cuda:2" if torch.cuda.is_available() else "cpu")
+
+
+def test_another_adapter_and_its_options_through_the_same_code(tmp_path, capsys):
+    """PuLID (tiny weights, its own face file format and its own options) through the batch: the batch asks the
+    adapter, it knows no adapter by name."""
+    from fastface.adapters.base import FaceSettings
+    from fastface.adapters.registry import get_entry
+    from fastface.selfcheck import write_tiny_weights
+
+    entry = get_entry("pulid")
+    (tiny,) = [a for a in write_tiny_weights(tmp_path / "w").adapters if a.name == "pulid"]
+    preparer = entry.adapter.face_preparer(entry.preset, FaceSettings())
+    faces = tmp_path / "faces"
+    preparer.save(faces / "pat.safetensors", preparer.prepare(tiny.face))
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a photo of a person\n", encoding="utf-8")
+    out = tmp_path / "out"
+    args = _args(prompts, faces, out, "--adapter", "pulid", "--adapter-option", "mode=style")
+    assert cli.main(["generate", *args, "--lora-scale", "1"]) == 2  # FaceID's option is refused for PuLID
+    assert "--lora-scale is an IP-Adapter option" in capsys.readouterr().err and not out.exists()
+    assert cli.main(["generate", *args]) == 0
+    (path,) = _pngs(out).values()
+    meta = read_png_json(path, "fastface")
+    assert meta["adapter"] == "pulid" and meta["batch"]["settings"]["mode"] == "style"
