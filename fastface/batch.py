@@ -2,8 +2,10 @@
 
 ::
 
-    python -m fastface.batch --prompts-file prompts.txt --faces-dir faces/ --out-dir out/ --preset hyper --download
+    fastface generate --prompts-file prompts.txt --faces-dir faces/ --out-dir out/ --preset hyper --download
     torchrun --nproc_per_node=8 -m fastface.batch ...    # the same, sharded over 8 GPUs (or several machines)
+
+``python -m fastface.batch ARGS`` is ``fastface generate ARGS`` (a module, for ``torchrun -m``).
 
 * Prompts: one per line (stripped, lowercased, repeats dropped: :func:`fastface.eval.data.read_prompts`).
 * Identities: each photo or face file (``.npy`` / ``.safetensors`` from ``fastface embed``) in ``--faces-dir`` is
@@ -54,6 +56,7 @@ from fastface.jobs import (
     shard,
     total,
 )
+from fastface.devices import resolve_device
 from fastface.threads import tiny_work
 
 logger = logging.getLogger(__name__)
@@ -67,8 +70,7 @@ __all__ = [
 FACE_EXTENSIONS = (*IMAGE_EXTENSIONS, ".npy", ".safetensors")  # photos and face files
 REQUEST_KEY = "batch"  # the entry of the PNG's ``fastface`` metadata that records the batch request
 # Pipeline.from_pretrained arguments recorded in the request (what changes the images)
-MODEL_FIELDS = ("base", "unet", "weights", "vae", "adapter_file", "image_encoder", "eva", "face_parser",
-                "face_detector")
+MODEL_FIELDS = ("base", "unet", "weights", "vae", "adapter_file")  # and the adapter's load options (its files)
 
 
 class BatchConflictError(ValueError):
@@ -302,7 +304,8 @@ def add_batch_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGrou
                        help="regenerate existing files made with other settings (default: refuse and keep them)")
     g.add_argument("--summary", metavar="FILE", help="also write the summary (per rank and total) as JSON")
     g.add_argument("--selfcheck-weights", action="store_true",
-                   help="use tiny RANDOM weights written on the fly (offline; images are NOT meaningful; for tests)")
+                   help="use tiny RANDOM weights written on the fly (offline; images are NOT meaningful; for tests; "
+                   "a single image too)")
     g.add_argument("--dist-timeout-min", type=float, default=240.0,
                    help="under torchrun: how long rank 0 waits for the other ranks (minutes)")
 
@@ -325,42 +328,45 @@ def batch_mode(args: argparse.Namespace) -> bool:
 
 
 def _selfcheck_pipeline(args: argparse.Namespace, device: str) -> Any:
+    """The pipeline of the selfcheck's tiny random weights for ``args.adapter`` (any adapter that writes them)."""
     from fastface.pipeline import Pipeline
     from fastface.selfcheck import write_tiny_weights
 
-    if args.preset not in ("hyper", "lightning") or args.adapter != "faceid-plusv2":
-        raise ValueError("--selfcheck-weights has tiny weights for --preset hyper or lightning with --adapter "
-                         f"faceid-plusv2 only, not {args.preset} + {args.adapter}")
+    if args.preset not in ("hyper", "lightning"):
+        raise ValueError(f"--selfcheck-weights has tiny weights for --preset hyper or lightning, not {args.preset}")
     tmp = tempfile.TemporaryDirectory(prefix="fastface-batch-selfcheck-")
-    try:
-        w = write_tiny_weights(tmp.name)
-        return Pipeline.from_pretrained(args.preset, "faceid-plusv2", base=w.base, adapter_file=w.adapter,
-                                        image_encoder=w.image_encoder,
-                                        weights=w.lora if args.preset == "hyper" else w.unet_file,
-                                        steps=args.steps, dtype="fp32", device=device, fuse_adapter_lora=False)
-    finally:
+    w = write_tiny_weights(tmp.name)
+    run = {a.name: a for a in w.adapters}.get(args.adapter)
+    if run is None:
         tmp.cleanup()
+        raise ValueError(f"--selfcheck-weights has no tiny weights for --adapter {args.adapter}; adapters with tiny "
+                         f"weights: {', '.join(a.name for a in w.adapters)}")
+    pipe = Pipeline.from_pretrained(args.preset, args.adapter, base=w.base, steps=args.steps, dtype="fp32",
+                                    device=device, fuse_adapter_lora=False,
+                                    weights=w.lora if args.preset == "hyper" else w.unet_file, **run.load)
+    pipe.__dict__["_tiny_weights_folder"] = tmp  # removed with the pipeline (an adapter may read its files later)
+    return pipe
 
 
-def pipeline_from_args(args: argparse.Namespace, device: str) -> Any:
-    """The pipeline of ``fastface generate``'s options on ``device`` (tiny random weights with
-    --selfcheck-weights)."""
+def pipeline_from_args(args: argparse.Namespace, device: str, files: Mapping[str, Any] | None = None) -> Any:
+    """The pipeline of ``fastface generate``'s options on ``device``; ``files``: the adapter's load options (local
+    files, by option name) as the CLI parsed them. Tiny random weights with --selfcheck-weights."""
     from fastface.pipeline import Pipeline
-    from fastface.presets import get_adapter_preset
 
     if getattr(args, "selfcheck_weights", False):
         return _selfcheck_pipeline(args, device)
-    pulid = get_adapter_preset(args.adapter).variant == "pulid"
     return Pipeline.from_pretrained(
         args.preset, args.adapter, steps=args.steps, dtype=args.dtype, device=device, download=args.download,
-        cache_dir=args.cache_dir, face_root=args.face_root,
-        **{k: getattr(args, k) for k in MODEL_FIELDS if pulid or k not in ("eva", "face_parser", "face_detector")},
+        cache_dir=args.cache_dir, face_root=args.face_root, **{k: getattr(args, k) for k in MODEL_FIELDS},
+        **dict(files or {}),
     )
 
 
-def batch_settings(args: argparse.Namespace, call_options: Mapping[str, Any], device: str) -> dict[str, Any]:
+def batch_settings(args: argparse.Namespace, call_options: Mapping[str, Any], device: str,
+                   files: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """What makes a batch's images (recorded in every PNG, compared on resumption): the model, its weights as
-    given, the dtype actually used, and the call options. The device is not part of it (another GPU resumes)."""
+    given (and the adapter's files), the dtype actually used, and the call options. The device is not part of it
+    (another GPU resumes)."""
     import torch
 
     from fastface.pipeline import parse_dtype
@@ -369,18 +375,23 @@ def batch_settings(args: argparse.Namespace, call_options: Mapping[str, Any], de
     return {"preset": args.preset, "adapter": args.adapter, "steps": args.steps,
             "selfcheck_weights": bool(getattr(args, "selfcheck_weights", False)),
             "dtype": str(parse_dtype(dtype, torch.device(device))).replace("torch.", ""),
-            **{k: getattr(args, k, None) for k in MODEL_FIELDS}, **call_options}
+            **{k: getattr(args, k, None) for k in MODEL_FIELDS}, "adapter_files": dict(files or {}),
+            **call_options}
 
 
 def run_batch_from_args(
     args: argparse.Namespace,
-    make_pipeline: Callable[[argparse.Namespace, str], Any] = pipeline_from_args,
+    make_pipeline: Callable[[argparse.Namespace, str, Mapping[str, Any]], Any] = pipeline_from_args,
     method_options: Mapping[str, Any] | None = None,
     sampler_params: Mapping[str, Any] | None = None,
+    adapter_options: Mapping[str, Any] | None = None,
+    adapter_files: Mapping[str, Any] | None = None,
 ) -> BatchResult:
-    """Run the batch that ``fastface generate``'s options describe (``args`` of a parser with the generate options
-    and :func:`add_batch_arguments`). ``method_options`` (``--set`` and ``--guidance``) and ``sampler_params``
-    (``--sampler-param``) come parsed. Raises ValueError for bad options (nothing generated)."""
+    """Run the batch that ``fastface generate``'s options describe (``args`` of its parser, which has the options of
+    :func:`add_batch_arguments`). The rest comes parsed and checked by the CLI: ``method_options`` (``--set``,
+    ``--guidance``), ``sampler_params`` (``--sampler-param``), the adapter's call options (``adapter_options``,
+    by name, defaults filled in) and load options (``adapter_files``). Raises ValueError for bad options
+    (nothing generated)."""
     missing = [f"--{k.replace('_', '-')}" for k in ("prompts_file", "faces_dir", "out_dir") if not getattr(args, k)]
     if missing:
         raise ValueError(f"a batch needs --prompts-file, --faces-dir and --out-dir; missing: {', '.join(missing)}")
@@ -395,58 +406,32 @@ def run_batch_from_args(
     base_seed = 0 if args.seed is None else args.seed
     if base_seed < 0:
         raise ValueError(f"--seed must be a non-negative integer, got {base_seed}")
+    device = rank_device(args.device, rank_info().local_rank)
+    resolve_device(device)  # an unusable device fails before anything is read
     prompts = read_prompts(args.prompts_file)
     identities = load_identities(args.faces_dir, FACE_EXTENSIONS)
     tasks = plan_batch(identities, prompts, base_seed, args.faces_dir)
     selfcheck = getattr(args, "selfcheck_weights", False)
-    call = {"method": args.method, "steps": args.steps, "ip_scale": args.ip_scale, "lora_scale": args.lora_scale,
-            "s_scale": args.s_scale, "negative_prompt": args.negative_prompt,
+    files = dict(adapter_files or {})
+    call = {"method": args.method, "steps": args.steps, "ip_scale": args.ip_scale,
+            "negative_prompt": args.negative_prompt,
             "height": args.height or (64 if selfcheck else None), "width": args.width or (64 if selfcheck else None),
             "sampler": args.sampler, "sampler_params": dict(sampler_params) if sampler_params else None,
-            "pulid_mode": args.pulid_mode, "id_mix": bool(args.id_mix), **dict(method_options or {})}
-    device = rank_device(args.device, rank_info().local_rank)
+            **dict(adapter_options or {}), **dict(method_options or {})}
     with tiny_work() if selfcheck else contextlib.nullcontext():  # tiny models run fastest on one thread
-        return run_batch(tasks, args.out_dir, lambda dev: make_pipeline(args, dev), faces_dir=args.faces_dir,
-                         call_options=call, settings=batch_settings(args, call, device), device=device,
+        return run_batch(tasks, args.out_dir, lambda dev: make_pipeline(args, dev, files), faces_dir=args.faces_dir,
+                         call_options=call, settings=batch_settings(args, call, device, files), device=device,
                          overwrite=args.overwrite, progress=False if args.no_progress else None,
                          timeout_min=args.dist_timeout_min)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m fastface.batch``: ``fastface generate``'s options with the batch options (see the module doc)."""
+    """``python -m fastface.batch ARGS`` is ``fastface generate ARGS`` (a module for ``torchrun -m``)."""
+    import sys
+
     from fastface import cli
 
-    parser = cli.build_parser()
-    gen = next(a for a in parser._subparsers._group_actions if isinstance(a, argparse._SubParsersAction))
-    sub = gen.choices["generate"]
-    sub.prog = "python -m fastface.batch"
-    for action in sub._actions:  # a batch replaces --prompt and --face
-        if action.dest in ("prompt", "face"):
-            action.required = False
-    add_batch_arguments(sub)
-    try:
-        args = sub.parse_args(argv)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    info = rank_info()
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format=f"[rank {info.rank}] %(levelname)s %(name)s: %(message)s")
-    try:
-        options = cli._pairs(args.method_set, "--set")
-        if args.guidance is not None:
-            options["guidance"] = args.guidance
-        sampler_params = cli._pairs(args.sampler_param, "--sampler-param") or None
-        result = run_batch_from_args(args, method_options=options, sampler_params=sampler_params)
-    except cli.CLIError as exc:
-        return cli._fail(exc.code, str(exc))
-    except ValueError as exc:
-        from fastface.models.loading import WeightFormatError
-
-        return cli._fail(cli.EXIT_WEIGHTS if isinstance(exc, WeightFormatError) else cli.EXIT_USAGE, str(exc))
-    except KeyboardInterrupt:
-        return cli._fail(130, "interrupted (finished images are kept; run again to resume)")
-    print_summary(result, args.summary)
-    return cli.EXIT_FACE if result.failed else cli.EXIT_OK
+    return cli.main(["generate", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -1,8 +1,14 @@
 """The ``fastface`` command: ``fastface generate`` (face + prompt -> PNG), ``fastface embed``, ``fastface selfcheck``.
 
-Exit codes: 0 success; 1 an internal error (with a traceback); 2 a bad option or value; 3 weights missing or
-unreadable; 4 a face problem (no face found, unreadable photo or face file, a face input the adapter cannot use).
-Every error other than 1 is reported as one line on stderr.
+Exit codes: 0 success; 1 an internal error (with a traceback); 2 a bad option or value (also a device this machine
+cannot use, an output path that cannot be written); 3 weights missing, unreadable or not weights at all; 4 a face
+problem (no face found, unreadable photo or face file, a face input the adapter cannot use; a batch: some
+identities failed); 5 the numbers became NaN/Inf while sampling; 130 interrupted. Every error other than 1 is
+reported as one line on stderr.
+
+``fastface generate`` never replaces an existing file unless ``--overwrite`` is given: it writes ``NAME-1.png``
+(``-2`` ...) beside it and says so. With ``--prompts-file``, ``--faces-dir`` and ``--out-dir`` it runs a batch
+(:mod:`fastface.batch`).
 
 The choices of --preset, --adapter and --method come from the presets and the adapter registry; each registered
 adapter's options are flags (``--lora-scale``) and ``--adapter-option KEY=VALUE``, listed in ``--help``.
@@ -13,6 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import secrets
 import shlex
 import sys
 from collections.abc import Sequence
@@ -21,11 +29,13 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_WEIGHTS, EXIT_FACE = 0, 1, 2, 3, 4
+EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_WEIGHTS, EXIT_FACE, EXIT_NUMERIC = 0, 1, 2, 3, 4, 5
 
 EPILOG = """\
-exit codes: 0 ok, 2 bad option or value, 3 weights missing or unreadable, 4 face problem (no face found,
-unreadable photo or face file), 1 internal error.
+exit codes: 0 ok; 2 bad option or value (also a --device this machine cannot use, an --output that cannot be
+written); 3 weights missing, unreadable or not weights; 4 face problem (no face found, unreadable photo or face
+file; a batch: some identities failed); 5 NaN/Inf while sampling (try --dtype bf16 or fp32); 130 interrupted;
+1 internal error.
 
 examples:
   fastface generate --preset hyper --adapter faceid-plusv2 --face me.jpg --prompt "a photo of a person as an
@@ -33,6 +43,8 @@ examples:
   fastface generate --face me1.jpg --face me2.jpg --prompt "..." --method dcg --set alpha=1,2,2,1 --num-images 4
   fastface embed --face me.jpg -o me.safetensors    # then: fastface generate --face me.safetensors ...
   fastface generate --adapter NAME --adapter-option KEY=VALUE ...   # an adapter's options: see "adapter options"
+  fastface generate --prompts-file prompts.txt --faces-dir people/ --out-dir out/ ...   # a batch, resumable
+  torchrun --nproc_per_node=8 -m fastface.batch --prompts-file ...  # the same batch over 8 GPUs
   fastface selfcheck
 """
 
@@ -150,15 +162,18 @@ def build_parser() -> argparse.ArgumentParser:
                          "and the paper's; every PNG carries all settings in its metadata ('fastface' text chunk).",
                          epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = gen.add_argument_group("what to generate")
-    g.add_argument("--prompt", "-p", required=True, help="the text prompt")
-    g.add_argument("--face", "-f", action="append", required=True, metavar="PATH",
+    g.add_argument("--prompt", "-p", help="the text prompt (required, unless a batch: see below)")
+    g.add_argument("--face", "-f", action="append", metavar="PATH",
                    help="a face photo, or a face file (.npy / .safetensors, see 'fastface embed'); repeat for "
                    "several photos of the same person (combined as the adapter does)")
     g.add_argument("--negative-prompt", "-n", help="negative prompt (default: none, i.e. SDXL's zero null text)")
     g.add_argument("--num-images", type=int, default=1, help="images to generate (default 1)")
     g.add_argument("--seed", type=int, help="seed of the first image; image i uses seed + i (default: random)")
     g.add_argument("--output", "-o", default="fastface.png",
-                   help="output PNG (several images: NAME-0.png, NAME-1.png, ...); a folder gets fastface-SEED.png")
+                   help="output PNG (several images: NAME-0.png, NAME-1.png, ...); a folder gets fastface-SEED.png; "
+                   "an existing file is kept: the image goes to NAME-1.png (-2, ...) instead, unless --overwrite")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace existing output files (a batch: regenerate files made with other settings)")
     from fastface.adapters.registry import entries
     from fastface.presets import DEFAULT_METHOD, METHOD_PRESETS, MODEL_PRESETS
 
@@ -189,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--verbose", "-v", action="store_true", help="log what is loaded from where")
     _add_weights(gen)
+    from fastface.batch import add_batch_arguments
+
+    add_batch_arguments(gen)  # --prompts-file --faces-dir --out-dir --summary --selfcheck-weights ...
 
     emb = sub.add_parser("embed", help="save a person's face identity as a face file",
                          description="Detect the face in each photo and save the identity as a .safetensors face "
@@ -222,14 +240,39 @@ def _version() -> str:
 
 
 def _outputs(output: str, seeds: list[int]) -> list[Path]:
-    out = Path(output)
+    out = Path(output).expanduser()
     if out.is_dir() or output.endswith(("/", "\\")):
         return [out / f"fastface-{s}.png" for s in seeds]
     if out.suffix.lower() != ".png":
         raise CLIError(EXIT_USAGE, f"--output must be a .png file or a folder, got {output!r}")
     if len(seeds) == 1:
         return [out]
-    return [out.with_name(f"{out.stem}-{i}.png") for i in range(len(seeds))]
+    return [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(len(seeds))]
+
+
+def _check_writable(path: Path) -> None:
+    """Refuse (exit 2) an output path that cannot be written: a folder, or under a file or a folder without write
+    permission. Checked before anything loads; nothing is created."""
+    if path.is_dir():
+        raise CLIError(EXIT_USAGE, f"--output: {path} is a folder; give a .png file name, or end the folder name "
+                       "with '/' to write fastface-SEED.png into it")
+    folder = path.parent
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise CLIError(EXIT_USAGE, f"--output: cannot write {path}: {existing} is a file, not a folder; choose "
+                       "another --output")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CLIError(EXIT_USAGE, f"--output: cannot write {path}: no permission to write in {existing}; choose "
+                       "another --output")
+
+
+def _free_name(path: Path, taken: set[Path]) -> Path:
+    """``path``, or when a file (or folder) is there already, the first free ``NAME-1.png``, ``NAME-2.png`` ..."""
+    candidate, i = path, 0
+    while candidate.exists() or candidate in taken:
+        i += 1
+        candidate = path.with_name(f"{path.stem}-{i}{path.suffix}")
+    return candidate
 
 
 def _reproduce(parser: argparse.ArgumentParser, ns: argparse.Namespace, seed: int, output: Path) -> str:
@@ -237,7 +280,8 @@ def _reproduce(parser: argparse.ArgumentParser, ns: argparse.Namespace, seed: in
     gen = next(a for a in parser._subparsers._group_actions if isinstance(a, argparse._SubParsersAction))
     sub = gen.choices["generate"]
     words = ["fastface", "generate"]
-    skip = {"help", "seed", "num_images", "output", "no_progress", "verbose", "batch_size"}
+    # never --overwrite: re-running the stored command must not replace the image that stores it
+    skip = {"help", "seed", "num_images", "output", "no_progress", "verbose", "batch_size", "overwrite"}
     for action in sub._actions:
         if action.dest in skip or not action.option_strings:
             continue
@@ -284,36 +328,60 @@ def _option_error(exc: ValueError, shown: dict[str, str]) -> CLIError:
     return CLIError(EXIT_USAGE, str(exc))
 
 
-def _generate(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> int:
-    from fastface.adapters.registry import get_entry, unknown_option_error
-    from fastface.pipeline import Pipeline
-    from fastface.presets import model_recipe, resolve_method
-
+def _method_options(ns: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """(method settings of --set and --guidance, sampler parameters of --sampler-param)."""
     options = _pairs(ns.method_set, "--set")
     if ns.guidance is not None:
         options["guidance"] = ns.guidance
-    sampler_params = _pairs(ns.sampler_param, "--sampler-param") or None
-    entry = get_entry(ns.adapter)
-    # Settings are checked before anything is loaded (ValueError -> exit 2).
-    recipe = model_recipe(ns.preset, ns.steps, **({"weights": ns.weights} if ns.weights else {}))
-    resolve_method(ns.method, recipe, adapter=entry.preset, **options)
-    if ns.num_images < 1:
-        raise CLIError(EXIT_USAGE, f"--num-images must be at least 1, got {ns.num_images}")
-    _outputs(ns.output, [0] * ns.num_images)
+    return options, _pairs(ns.sampler_param, "--sampler-param") or None
+
+
+def _checked_adapter_options(ns: argparse.Namespace, entry: Any) -> tuple[dict[str, Any], dict[str, Any],
+                                                                          dict[str, Any]]:
+    """The adapter's (load options, call options as given, call options checked with defaults filled in); a bad
+    one is a CLIError naming the flag as written. Needs no weights."""
+    from fastface.adapters.registry import unknown_option_error
+
     files, _ = _adapter_options(ns, entry, load=True)
     call, shown = _adapter_options(ns, entry, load=False)
     try:
-        entry.adapter.resolve_options(entry.preset, call, lambda k: unknown_option_error(entry.name, k, shown.get(k)))
+        resolved = entry.adapter.resolve_options(entry.preset, call,
+                                                 lambda k: unknown_option_error(entry.name, k, shown.get(k)))
     except ValueError as exc:
         raise _option_error(exc, shown) from exc
+    return files, call, resolved
+
+
+def _generate(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> int:
+    from fastface.adapters.registry import get_entry
+    from fastface.batch import batch_mode, pipeline_from_args
+    from fastface.devices import resolve_device
+    from fastface.jobs import atomic_write
+    from fastface.presets import model_recipe, resolve_method
+
+    # Everything is checked before anything is read or loaded (ValueError -> exit 2): the device, the settings,
+    # the adapter's options and the output paths.
+    resolve_device(ns.device)
+    options, sampler_params = _method_options(ns)
+    batch = batch_mode(ns)  # a ValueError names a missing --prompt / --face for a single image
+    entry = get_entry(ns.adapter)
+    recipe = model_recipe(ns.preset, ns.steps, **({"weights": ns.weights} if ns.weights else {}))
+    resolve_method(ns.method, recipe, adapter=entry.preset, **options)
+    files, call, resolved = _checked_adapter_options(ns, entry)
+    if batch:
+        return _batch(ns, options, sampler_params, resolved, files)
+    if ns.num_images < 1:
+        raise CLIError(EXIT_USAGE, f"--num-images must be at least 1, got {ns.num_images}")
+    if ns.seed is not None and ns.seed < 0:
+        raise CLIError(EXIT_USAGE, f"--seed must be a non-negative integer, got {ns.seed}")
+    seed = secrets.randbelow(2**31) if ns.seed is None else ns.seed  # drawn here: the output names are known now
+    planned = _outputs(ns.output, [seed + i for i in range(ns.num_images)])
+    for path in planned:
+        _check_writable(path)
     # The face first: a photo without a face fails before the generation weights are loaded.
     preparer = _preparer(ns, entry, files)
     face = _identity(ns, preparer)
-    pipe = Pipeline.from_pretrained(
-        ns.preset, ns.adapter, steps=ns.steps, dtype=ns.dtype, device=ns.device, download=ns.download,
-        cache_dir=ns.cache_dir, base=ns.base, unet=ns.unet, weights=ns.weights, vae=ns.vae,
-        adapter_file=ns.adapter_file, face_root=ns.face_root, **files,
-    )
+    pipe = pipeline_from_args(ns, ns.device, files)
     pipe.use_face_preparer(preparer)  # its face models are reused, its files recorded in the PNG metadata
     bar = None
     if not ns.no_progress:
@@ -322,26 +390,43 @@ def _generate(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> int:
         chunks = -(-ns.num_images // max(1, ns.batch_size or ns.num_images))
         bar = tqdm(total=(ns.steps or pipe.recipe.steps) * chunks, unit="step", desc="fastface", file=sys.stderr)
     try:
-        out = pipe(ns.prompt, face, method=ns.method, steps=ns.steps, seed=ns.seed, ip_scale=ns.ip_scale,
+        out = pipe(ns.prompt, face, method=ns.method, steps=ns.steps, seed=seed, ip_scale=ns.ip_scale,
                    num_images=ns.num_images, negative_prompt=ns.negative_prompt, height=ns.height, width=ns.width,
                    batch_size=ns.batch_size, sampler=ns.sampler, sampler_params=sampler_params,
                    callback=(lambda i, t, x: bar.update(1)) if bar is not None else None, **call, **options)
     finally:
         if bar is not None:
             bar.close()
-    paths = _outputs(ns.output, out.seeds)
-    for i, path in enumerate(paths):
-        out.save(i, path, {"command": _reproduce(parser, ns, out.seeds[i], path)})
+    taken: set[Path] = set()
+    for i, wanted in enumerate(_outputs(ns.output, out.seeds)):
+        path = wanted if ns.overwrite else _free_name(wanted, taken)
+        taken.add(path)
+        if path != wanted:
+            print(f"fastface: {wanted} exists and is kept; writing {path} instead (--overwrite replaces it)",
+                  file=sys.stderr)
+        extra = {"command": _reproduce(parser, ns, out.seeds[i], path)}  # the name actually written
+        atomic_write(path, lambda tmp, i=i, extra=extra: out.save(i, tmp, extra))
         print(path)
     return EXIT_OK
+
+
+def _batch(ns: argparse.Namespace, options: dict[str, Any], sampler_params: dict[str, Any] | None,
+           adapter_options: dict[str, Any], files: dict[str, Any]) -> int:
+    """``fastface generate --prompts-file ... --faces-dir ... --out-dir ...``: :mod:`fastface.batch`."""
+    from fastface.batch import print_summary, run_batch_from_args
+
+    result = run_batch_from_args(ns, method_options=options, sampler_params=sampler_params,
+                                 adapter_options=adapter_options, adapter_files=files)
+    print_summary(result, ns.summary)
+    return EXIT_FACE if result.failed else EXIT_OK
 
 
 def _preparer(ns: argparse.Namespace, entry: Any, files: dict[str, Any]) -> Any:
     """The adapter's face preparation for the command's face models."""
     from fastface.adapters.base import FaceSettings
-    from fastface.pipeline import _device
+    from fastface.devices import resolve_device
 
-    faces = FaceSettings(ns.face_root, ns.download, ns.cache_dir, _device(ns.device), files)
+    faces = FaceSettings(ns.face_root, ns.download, ns.cache_dir, resolve_device(ns.device), files)
     return entry.adapter.face_preparer(entry.preset, faces)
 
 
@@ -382,8 +467,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         ns = parser.parse_args(argv)
     except SystemExit as exc:  # argparse: --help/--version (0) or a bad option (2, message already printed)
         return int(exc.code or 0)
+    under_torchrun = os.environ.get("WORLD_SIZE", "1") != "1"
+    rank = f"[rank {os.environ.get('RANK', '?')}] " if under_torchrun else ""
     logging.basicConfig(level=logging.INFO if getattr(ns, "verbose", False) else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+                        format=rank + "%(levelname)s %(name)s: %(message)s")
     try:
         if ns.command == "generate":
             return _generate(parser, ns)
@@ -392,6 +479,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _selfcheck(ns)
     except CLIError as exc:
         return _fail(exc.code, str(exc))
+    except FloatingPointError as exc:  # the samplers' check of non-finite model outputs and latents
+        return _fail(EXIT_NUMERIC, f"{exc}; no image was written")
     except ValueError as exc:
         from fastface.adapters.faces import ImageReadError, NoFaceError
         from fastface.models.loading import WeightFormatError
@@ -402,7 +491,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _fail(EXIT_FACE, str(exc))
         return _fail(EXIT_USAGE, str(exc))
     except KeyboardInterrupt:
-        return _fail(130, "interrupted")
+        return _fail(130, "interrupted (images already written are kept; a batch resumes when run again)")
 
 
 def _fail(code: int, message: str) -> int:

@@ -33,6 +33,7 @@ import fastface
 from fastface.adapters.base import FacePreparer, FaceSettings
 from fastface.adapters.registry import AdapterEntry, get_entry, option_owners, unknown_option_error
 from fastface.components import Components, LocalPaths, load_components, resolve_sources
+from fastface.devices import resolve_device
 from fastface.face_files import FaceInput
 from fastface.generation import METADATA_KEY, Generation, jsonable
 from fastface.models.vae import images_to_uint8
@@ -58,15 +59,6 @@ def parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.
     if str(dtype).lower() not in _DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}")
     return _DTYPES[str(dtype).lower()]
-
-
-def _device(device: str | torch.device | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"unknown device {device!r} ({exc})") from None
 
 
 class Pipeline:
@@ -132,7 +124,7 @@ class Pipeline:
         ``image_encoder``, ``eva``; see its ``options``) and model recipe fields (``sampler``, ``sampler_params``,
         ``spacing``, ``resolution``, ``guidance``, ``lora_scale``, ...).
         """
-        dev = _device(device)
+        dev = resolve_device(device)  # an unusable device fails here, before any file is opened
         dt = parse_dtype(dtype, dev)
         entry = get_entry(adapter)
         mine = {k: o for o in entry.adapter.load_options() for k in o.keywords}

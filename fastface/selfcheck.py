@@ -22,10 +22,12 @@ import numpy as np
 import torch
 
 from fastface.adapters.registry import entries
+from fastface.devices import resolve_device
 from fastface.models.text import CLIPTextConfig, CLIPTextEncoder
 from fastface.models.tokenizer import EOS_TOKEN, write_vocab_folder
 from fastface.models.unet import UNet, get_unet_config
 from fastface.models.vae import AutoencoderKL, VAEConfig
+from fastface.threads import THREADS_VARIABLE, tiny_work
 from fastface.tiny import TinyAdapter, perturb, save_safetensors, write_json
 
 logger = logging.getLogger(__name__)
@@ -145,7 +147,17 @@ def run_selfcheck(out_dir: str | os.PathLike | None = None, *, device: str | Non
     """Build the pipeline from tiny random weights and run every method once; ``log`` gets one line per check.
 
     Returns True when every method produced finite images of the right size. Saves them in ``out_dir`` if given.
+    Runs on one CPU thread unless ``OMP_NUM_THREADS`` is set (:func:`fastface.threads.tiny_work`: tiny models are
+    fastest so, and do not collapse when another process is busy). An unusable ``device`` is a
+    :class:`fastface.devices.DeviceError` before anything is written.
     """
+    resolve_device(device)
+    with tiny_work() as threads:
+        log(f"tiny work on {threads} CPU thread(s) (set {THREADS_VARIABLE} to change)")
+        return _run_selfcheck(out_dir, device, log)
+
+
+def _run_selfcheck(out_dir: str | os.PathLike | None, device: str | None, log) -> bool:
     from fastface.pipeline import Pipeline
 
     ok = True

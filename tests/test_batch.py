@@ -1,6 +1,8 @@
 """Batch generation (prompts file x identities folder) on tiny random weights: a 2-process torchrun (gloo, CPU)
 gives the single-process images bit for bit, a resumed run regenerates nothing, a half-finished run regenerates
-only what is missing; conflicting files are refused (or overwritten on request); the engine's pieces alone."""
+only what is missing; conflicting files are refused (or overwritten on request); the engine's pieces alone.
+``python -m fastface.batch ARGS`` and ``fastface generate ARGS`` (``cli.main``) are the same command: both are
+driven here."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from fastface import cli
 from fastface.batch import BatchTask, batch_mode, main, plan_batch
 from fastface.eval.data import Identity, load_identities
 from fastface.jobs import (
@@ -27,7 +30,7 @@ from fastface.jobs import (
     shard,
     total,
 )
-from fastface.pipeline_loading import save_face_file
+from fastface.face_files import save_face_file
 from fastface.selfcheck import tiny_face
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,6 +47,15 @@ def _data(root: Path) -> tuple[Path, Path]:
     save_face_file(faces / "cid" / "b.safetensors", tiny_face(4))
     prompts = root / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n\n", encoding="utf-8")
+    return prompts, faces
+
+
+def _one_person(root: Path, prompts_text: str) -> tuple[Path, Path]:
+    """A prompts file and a faces folder holding one person, ann."""
+    prompts, faces = root / "p.txt", root / "faces"
+    faces.mkdir()
+    save_face_file(faces / "ann.safetensors", tiny_face(1))
+    prompts.write_text(prompts_text, encoding="utf-8")
     return prompts, faces
 
 
@@ -113,7 +125,8 @@ def test_half_finished_run_regenerates_only_the_missing_images(tmp_path):
         images[rel].unlink()
     kept = {rel: p.stat().st_mtime_ns for rel, p in images.items() if rel not in gone}
     (out / "ann" / "stray.png.tmp").write_bytes(b"")  # not an output: ignored
-    assert main(_args(prompts, faces, out, "--summary", str(tmp_path / "s.json"))) == 0
+    # resumed through `fastface generate` (the same command as python -m fastface.batch)
+    assert cli.main(["generate", *_args(prompts, faces, out, "--summary", str(tmp_path / "s.json"))]) == 0
     s = _summary(tmp_path / "s.json")["total"]
     assert (s["generated"], s["skipped"], s["failed"]) == (2, 7, 0)
     assert {rel: p.stat().st_mtime_ns for rel, p in _pngs(out).items() if rel not in gone} == kept
@@ -122,10 +135,7 @@ def test_half_finished_run_regenerates_only_the_missing_images(tmp_path):
 
 
 def test_files_made_otherwise_are_refused_unless_overwrite(tmp_path, capsys):
-    prompts, faces = tmp_path / "p.txt", tmp_path / "faces"
-    faces.mkdir()
-    save_face_file(faces / "ann.safetensors", tiny_face(1))
-    prompts.write_text("a photo of a person\n", encoding="utf-8")
+    prompts, faces = _one_person(tmp_path, "a photo of a person\n")
     out = tmp_path / "out"
     assert main(_args(prompts, faces, out, "--method", "baseline")) == 0
     (path,) = _pngs(out).values()
@@ -147,11 +157,8 @@ def test_files_made_otherwise_are_refused_unless_overwrite(tmp_path, capsys):
 
 
 def test_an_unreadable_face_fails_its_images_and_the_others_go_on(tmp_path, capsys):
-    prompts, faces = tmp_path / "p.txt", tmp_path / "faces"
-    faces.mkdir()
-    save_face_file(faces / "ann.safetensors", tiny_face(1))
+    prompts, faces = _one_person(tmp_path, "a photo of a person\na person in a park\n")
     (faces / "bad.npy").write_bytes(b"this is text, not an array")
-    prompts.write_text("a photo of a person\na person in a park\n", encoding="utf-8")
     out = tmp_path / "out"
     assert main(_args(prompts, faces, out, "--summary", str(tmp_path / "s.json"))) == 4
     s = _summary(tmp_path / "s.json")["total"]
@@ -166,19 +173,36 @@ def test_an_unreadable_face_fails_its_images_and_the_others_go_on(tmp_path, caps
     (["--num-images", "2"], "--num-images is for a single --prompt"),
 ])
 def test_single_image_options_are_refused_in_a_batch(tmp_path, capsys, argv, words):
-    prompts, faces = tmp_path / "p.txt", tmp_path / "faces"
-    faces.mkdir()
-    save_face_file(faces / "ann.safetensors", tiny_face(1))
-    prompts.write_text("a photo\n", encoding="utf-8")
+    prompts, faces = _one_person(tmp_path, "a photo\n")
     assert main(_args(prompts, faces, tmp_path / "out", *argv)) == 2
     assert words in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
+def test_adapter_options_come_generically_and_are_checked_before_anything_runs(tmp_path, capsys):
+    prompts, faces = _one_person(tmp_path, "a photo\n")
+    out = tmp_path / "out"
+    # another adapter's option, a bad value and an unusable device: exit 2, nothing made (not even the folder)
+    for extra, words in ((["--adapter-option", "mode=style"], "mode is a PuLID option"),
+                         (["--s-scale", "-1"], "--s-scale must be"),
+                         (["--device", "cuda:7" if __import__("torch").cuda.is_available() else "cuda"], "device")):
+        assert cli.main(["generate", *_args(prompts, faces, out, *extra)]) == 2
+        err = capsys.readouterr().err
+        assert words in err and err.startswith("fastface: error:"), err
+        assert not out.exists()
+    # a named flag and --adapter-option reach the adapter and are recorded (defaults filled in) in the request
+    args = _args(prompts, faces, out, "--s-scale", "0.5", "--adapter-option", "lora_scale=0.7", "--summary",
+                 str(tmp_path / "s.json"))
+    assert cli.main(["generate", *args]) == 0
+    (path,) = _pngs(out).values()
+    meta = read_png_json(path, "fastface")
+    assert (meta["s_scale"], meta["lora_scale"]) == (0.5, 0.7)
+    settings = meta["batch"]["settings"]
+    assert (settings["s_scale"], settings["lora_scale"], settings["adapter"]) == (0.5, 0.7, "faceid-plusv2")
+    assert main(args) == 0 and _summary(tmp_path / "s.json")["total"]["skipped"] == 1  # resumes: the same request
+
+
 def test_out_dir_that_is_a_file_and_missing_batch_options(tmp_path, capsys):
-    prompts, faces = tmp_path / "p.txt", tmp_path / "faces"
-    faces.mkdir()
-    save_face_file(faces / "ann.safetensors", tiny_face(1))
-    prompts.write_text("a photo\n", encoding="utf-8")
+    prompts, faces = _one_person(tmp_path, "a photo\n")
     (tmp_path / "file").write_text("x")
     assert main(_args(prompts, faces, tmp_path / "file")) == 2
     assert "the output folder is a file" in capsys.readouterr().err
@@ -278,3 +302,27 @@ def test_rank_device_gives_each_rank_its_gpu():
     assert rank_device("cuda", 3) == "cuda:3"  # a bare "cuda" under torchrun: one GPU per rank, not all on GPU 0
     assert rank_device("cuda:1", 3) == "cuda:1" and rank_device("cpu", 3) == "cpu"
     assert rank_device(None, 2) == ("cuda:2" if torch.cuda.is_available() else "cpu")
+
+
+def test_another_adapter_and_its_options_through_the_same_code(tmp_path, capsys):
+    """PuLID (tiny weights, its own face file format and its own options) through the batch: the batch asks the
+    adapter, it knows no adapter by name."""
+    from fastface.adapters.base import FaceSettings
+    from fastface.adapters.registry import get_entry
+    from fastface.selfcheck import write_tiny_weights
+
+    entry = get_entry("pulid")
+    (tiny,) = [a for a in write_tiny_weights(tmp_path / "w").adapters if a.name == "pulid"]
+    preparer = entry.adapter.face_preparer(entry.preset, FaceSettings())
+    faces = tmp_path / "faces"
+    preparer.save(faces / "pat.safetensors", preparer.prepare(tiny.face))
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a photo of a person\n", encoding="utf-8")
+    out = tmp_path / "out"
+    args = _args(prompts, faces, out, "--adapter", "pulid", "--adapter-option", "mode=style")
+    assert cli.main(["generate", *args, "--lora-scale", "1"]) == 2  # FaceID's option is refused for PuLID
+    assert "--lora-scale is an IP-Adapter option" in capsys.readouterr().err and not out.exists()
+    assert cli.main(["generate", *args]) == 0
+    (path,) = _pngs(out).values()
+    meta = read_png_json(path, "fastface")
+    assert meta["adapter"] == "pulid" and meta["batch"]["settings"]["mode"] == "style"
