@@ -64,7 +64,7 @@ def test_text_encoders_vae_and_unet(weights):
 
 def test_image_encoders(weights):
     from fastface.models.clip_vision import CLIPVisionEncoder
-    from fastface.pipeline_pulid import load_eva
+    from fastface.adapters.pulid_adapter import load_eva
 
     clip = CLIPVisionEncoder.from_pretrained(weights.image_encoder, dtype=torch.float32)
     assert unmapped(clip, weights.image_encoder / "model.safetensors") == []
