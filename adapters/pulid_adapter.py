@@ -46,8 +46,9 @@ from fastface.adapters.pulid_identity import (
     save_pulid_face_file,
 )
 from fastface.adapters.registry import register
-from fastface.face_files import open_face_analyzer
-from fastface.hub import HubFile, WeightNotFoundError, check_ref, find_facexlib_file, given_file, resolve
+from fastface.adapters.faces import FaceAnalyzer
+from fastface.hub import HubFile, WeightNotFoundError, check_ref, facexlib_folders, find_facexlib_file, given_file
+from fastface.needs import FixHint, Need, UrlFile, doctor_command, pack_need, resolve_needs
 from fastface.models.eva_clip import EVA_VISION_CONFIGS, EVAVisionTower
 from fastface.models.loading import WeightFormatError, read_weights
 from fastface.models.retinaface import RetinaFace
@@ -208,6 +209,31 @@ def find_face_detector(
 
 
 
+def pulid_face_needs(
+    adapter: PuLIDPreset, face_root: PathLike | None = None, eva: PathLike | None = None,
+    face_parser: PathLike | None = None, face_detector: PathLike | None = None,
+) -> list[Need]:
+    """The files PuLID's photo preprocessing needs, where each is looked for: EVA02-CLIP (Hugging Face cache or
+    ``eva``), facexlib's BiSeNet (required) and RetinaFace (optional) in ``<face_root>/models/facexlib`` and
+    facexlib's own folder (or the given files), and the antelopev2 pack under ``face_root``."""
+    folders = tuple(facexlib_folders(_facexlib_folder(face_root)))
+    out = [Need("eva", "local file (EVA02-CLIP-L-14-336 checkpoint)" if eva is not None else
+                "EVA02-CLIP-L-14-336 checkpoint", (Path(os.path.expanduser(os.fspath(eva))) if eva is not None
+                                                     else adapter.eva,), "eva", "--eva", for_photos=True)]
+    parts = (("face_parser", face_parser, adapter.face_parser, "BiSeNet face-parsing file (facexlib's "
+              "parsing_bisenet.pth)", False),
+             ("face_detector", face_detector, adapter.face_detector, "RetinaFace file (facexlib's "
+              "detection_Resnet50_Final.pth; optional: aligns photos as upstream)", True))
+    for name, given, url, what, optional in parts:
+        if given is not None:
+            out.append(Need(name, what, (Path(os.path.expanduser(os.fspath(given))),), name, f"--{name.replace('_', '-')}",
+                            for_photos=True))
+        elif url is not None:
+            src = UrlFile(_file_name(url), url if "://" in url else None, folders)
+            out.append(Need(name, what, (src,), name, f"--{name.replace('_', '-')}", optional, for_photos=True))
+    return [*out, pack_need(face_root, adapter.face_pack)]
+
+
 def load_eva(path: PathLike, *, device: torch.device | str = "cpu") -> EVAVisionTower:
     """The EVA02-CLIP vision tower of a checkpoint (``visual.*`` keys; fp32, as PuLID runs it). The config is the
     named one (:data:`fastface.models.eva_clip.EVA_VISION_CONFIGS`) whose shapes the file has."""
@@ -253,10 +279,14 @@ def open_pulid_preprocessor(
     are aligned with insightface's keypoints, with a warning). Every file is found before any is loaded. ``pulid``:
     check the EVA tower against it.
     """
-    eva_path = resolve(eva if eva is not None else adapter.eva, cache_dir=cache_dir, download=download)
-    parser_path = find_face_parser(adapter, face_root, face_parser, download=download)
-    detector_path = find_face_detector(adapter, face_root, face_detector, download=download)
-    analyzer = open_face_analyzer(face_root, adapter.face_pack, download=download)
+    needs = pulid_face_needs(adapter, face_root, eva, face_parser, face_detector)
+    extra = ["--face-root", os.fspath(face_root)] if face_root is not None else []
+    hint = FixHint(doctor_command(None, adapter.name, extra, faces_only=True))
+    got = resolve_needs(needs, download=download, cache_dir=cache_dir, hint=hint)  # every missing file at once
+    eva_path, parser_path, detector_path = got["eva"], got["face_parser"], got.get("face_detector")
+    if detector_path is None and adapter.face_detector_file is not None:
+        find_face_detector(adapter, face_root)  # logs why and how to align as upstream
+    analyzer = FaceAnalyzer(got["face_pack"], pack=adapter.face_pack)
     tower = load_eva(eva_path, device=device)
     if pulid is not None:
         check_pulid_eva(pulid, tower, str(eva_path))
@@ -324,6 +354,11 @@ class PuLIDAdapter(IdentityAdapter):
         super().__init__(preset, preparer, sources)
         self.model = model
         self._null: dict[tuple, torch.Tensor] = {}
+
+    @classmethod
+    def face_needs(cls, preset: PuLIDPreset, faces: FaceSettings) -> list[Need]:
+        f = faces.files
+        return pulid_face_needs(preset, faces.face_root, f.get("eva"), f.get("face_parser"), f.get("face_detector"))
 
     @classmethod
     def face_preparer(cls, preset: PuLIDPreset, faces: FaceSettings) -> PuLIDPreparer:
