@@ -452,7 +452,7 @@ def _doctor(ns: argparse.Namespace) -> int:
 
         header = (f"fastface doctor: {'face models of' if ns.faces_only else f'preset {ns.preset} +'} adapter "
                   f"{ns.adapter}; Hugging Face cache {hub_cache_dir(ns.cache_dir)}")
-        fix = "" if ok else ("The download failed for the parts above; check the network and run this again."
+        fix = "" if ok else ("Not fetched: see the reason under each missing part above."
                              if ns.download else f"Get them all: {_doctor_hint(ns, ns.faces_only).command}")
         print(format_report(found, header=header, fix=fix))
     return EXIT_OK if ok else EXIT_WEIGHTS

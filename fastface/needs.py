@@ -12,7 +12,7 @@ locates every need first, fetches what is missing in one go when allowed, and ra
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -304,21 +304,12 @@ def resolve_needs(
     download: bool = False,
     cache_dir: str | os.PathLike | None = None,
     hint: FixHint | None = None,
-    on_fetch: Callable[[Need], None] | None = None,
 ) -> dict[str, Path | None]:
     """Every need's path (None for a missing optional one), looked up first, then the missing ones downloaded in
-    one go when ``download``; raises one :class:`MissingWeightsError` naming every required need still missing.
-    ``on_fetch(need)``: called before each download (a progress bar)."""
+    one go when ``download``; raises one :class:`MissingWeightsError` naming every required need still missing."""
     found = [locate(n, cache_dir) for n in needs]
     if download:
-        out = []
-        for f in found:
-            if not f.found:
-                if on_fetch is not None:
-                    on_fetch(f.need)
-                f = fetch(f.need, cache_dir)
-            out.append(f)
-        found = out
+        found = [f if f.found else fetch(f.need, cache_dir) for f in found]
     missing = [f for f in found if not f.found and not f.need.optional]
     if missing:
         raise MissingWeightsError(missing, hint or FixHint(doctor_command(None, None)), cache_dir)

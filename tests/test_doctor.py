@@ -201,7 +201,7 @@ def test_failed_downloads_leave_nothing_behind(fake, capsys, monkeypatch, tmp_pa
     out = capsys.readouterr().out
     assert code == EXIT_WEIGHTS
     assert out.count("the download failed: ConnectionError: network is unreachable") == 7  # 6 required + RetinaFace
-    assert "allow downloads" not in out and "The download failed for the parts above" in out
+    assert "allow downloads" not in out and "Not fetched: see the reason under each missing part" in out
     assert tree(tmp_path) == before and not empty_root.exists()
     # generate --download: the same, said in one line, and no "allow downloads"
     code = main(["generate", "--adapter", "faceid", "--face", "me.png", "-p", "x", "--dtype", "fp32", "--device",
