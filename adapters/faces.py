@@ -29,7 +29,7 @@ from typing import Literal, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from fastface.hub import insightface_pack_url
+from fastface.hub import find_pack_folder, insightface_pack_url
 from fastface.models.loading import WeightFormatError
 
 # insightface 0.7 imports albumentations, which checks PyPI for updates at import unless this is set: no network at
@@ -252,9 +252,9 @@ def find_model_pack(root: str | os.PathLike, name: str) -> Path:
     """
     root = Path(root).expanduser()
     folder = root / "models" / name
-    for candidate in (folder, folder / name):
-        if candidate.is_dir() and any(candidate.glob("*.onnx")):
-            return candidate
+    found = find_pack_folder(root, name)
+    if found is not None:
+        return found
     hint = ""
     if (root / name).is_dir():
         hint = f" There is a folder {root / name}: pass root={root.parent} (the folder that contains 'models/')."

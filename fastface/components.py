@@ -15,7 +15,7 @@ import dataclasses
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -142,15 +142,17 @@ def resolve_sources(
     download: bool = False,
     cache_dir: PathLike | None = None,
     hint: FixHint | None = None,
+    also: Sequence[Need] = (),
 ) -> dict[str, Path]:
     """Local paths of every part of :func:`source_needs` (downloaded into the cache with ``download``).
 
     Raises one :class:`fastface.needs.MissingWeightsError` naming every missing part and how to get them all
-    (``hint``: the command; default ``fastface doctor --preset ... --adapter ... --download``).
+    (``hint``: the command; default ``fastface doctor --preset ... --adapter ... --download``); ``also``: needs of a
+    later step (the adapter's face models), not fetched here but named in that error when they are missing too.
     """
     needs = source_needs(recipe, adapter, paths, adapter_files, half=half)
     hint = hint or FixHint(doctor_command(recipe.preset, adapter.name))
-    return resolve_needs(needs, download=download, cache_dir=cache_dir, hint=hint)
+    return resolve_needs(needs, download=download, cache_dir=cache_dir, hint=hint, also=also)
 
 
 def _unet_config(folder: Path) -> UNetConfig:

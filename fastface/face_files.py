@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from fastface.adapters.faces import FaceAnalyzer, FaceInfo, ImageReadError, average_faces
-from fastface.needs import FixHint, doctor_command, pack_need, resolve_needs
+from fastface.needs import FixHint, faces_hint, pack_need, resolve_needs
 from fastface.models.loading import WeightFormatError, read_safetensors
 
 logger = logging.getLogger(__name__)
@@ -68,8 +68,7 @@ def open_face_analyzer(
     how to get it (``hint``: the command that does, default ``fastface doctor --faces-only ... --download``).
     """
     need = pack_need(root, pack)
-    extra = ["--face-root", os.fspath(root)] if root is not None else []
-    resolve_needs([need], download=download, hint=hint or FixHint(doctor_command(None, None, extra, True)))
+    resolve_needs([need], download=download, hint=hint or faces_hint(None, root))
     return FaceAnalyzer(need.sources[0].root, pack=pack)
 
 

@@ -15,7 +15,10 @@ is taken from another snapshot that has it, newest first, and the choice is logg
 
 Network access happens only when the caller passes ``download=True`` (the CLI's ``--download``), the optional
 ``hub`` extra (``huggingface_hub``) is installed, and ``HF_HUB_OFFLINE`` is not set; the file then goes into the
-same cache through ``huggingface_hub.hf_hub_download`` / ``snapshot_download``.
+same cache through ``huggingface_hub.hf_hub_download`` / ``snapshot_download``. Files outside the hub (insightface's
+face-analysis packs, facexlib's release files) are fetched into a temporary file or folder beside their place and
+renamed into it when complete. A failed download of any kind leaves nothing behind: no partial file, no empty
+folder it created (:class:`_Tidy`).
 
 Anything missing raises :class:`WeightNotFoundError`, a subclass of both
 :class:`fastface.models.loading.WeightFormatError` (so every weight problem is caught by one ``except``) and
@@ -42,6 +45,7 @@ __all__ = [
     "WeightRef",
     "hub_cache_dir",
     "is_offline",
+    "download_blocker",
     "repo_cache_folder",
     "find_snapshot",
     "find_in_cache",
@@ -55,8 +59,7 @@ __all__ = [
     "download_hub_folder",
     "download_url_file",
     "insightface_pack_url",
-    "given_file",
-    "find_facexlib_file",
+    "find_pack_folder",
     "facexlib_folders",
     "check_ref",
 ]
@@ -317,12 +320,14 @@ def _missing(
     return WeightNotFoundError(" ".join(lines))
 
 
-def _download_blocker(download: bool) -> str | None:
-    """Why no download is attempted (None when one may be)."""
+def download_blocker(download: bool, hub_extra: bool = True) -> str | None:
+    """Why no download is attempted (None when one may be); ``hub_extra``: the download needs ``huggingface_hub``."""
     if not download:
         return None
     if is_offline():
         return "Downloads were allowed but HF_HUB_OFFLINE is set, so the network was not used."
+    if not hub_extra:
+        return None
     try:
         import huggingface_hub  # noqa: F401  (the optional `hub` extra)
     except ImportError:
@@ -391,7 +396,7 @@ def _hub_file(ref: HubFile, cache_dir: str | os.PathLike | None, download: bool)
     found = find_in_cache(ref.repo_id, rel, ref.revision, cache_dir)
     if found is not None:
         return found
-    reason = _download_blocker(download)
+    reason = download_blocker(download)
     if download and reason is None:
         try:
             got = download_hub_file(ref, cache_dir)
@@ -456,7 +461,7 @@ def _hub_folder(ref: HubFolder, cache_dir: str | os.PathLike | None, download: b
     snap = find_snapshot(ref.repo_id, ref.revision, need, cache_dir)
     if snap is not None:
         return snap / ref.subfolder if ref.subfolder else snap
-    reason = _download_blocker(download)
+    reason = download_blocker(download)
     if download and reason is None:
         try:
             got = download_hub_folder(ref, cache_dir)
@@ -530,6 +535,16 @@ def insightface_pack_url(pack: str) -> str:
         return storage.model_zoo_download_url(f"{pack}.zip")
     base = getattr(storage, "BASE_REPO_URL", None)
     return f"{base.rstrip('/')}/{pack}.zip" if base else INSIGHTFACE_PACK_URL.format(name=pack)
+
+
+def find_pack_folder(root: str | os.PathLike, pack: str) -> Path | None:
+    """The folder of the ``.onnx`` files of insightface pack ``pack`` under ``root`` (``root/models/<pack>``, or
+    ``root/models/<pack>/<pack>`` as unzipping ``antelopev2.zip`` in place gives), or None. No network."""
+    folder = Path(os.path.expanduser(os.fspath(root))) / "models" / pack
+    for candidate in (folder, folder / pack):
+        if candidate.is_dir() and any(candidate.glob("*.onnx")):
+            return candidate
+    return None
 
 
 def _tree(folder: Path) -> set[Path]:
@@ -661,14 +676,6 @@ def download_insightface_pack(root: str | os.PathLike, pack: str) -> Path:
     return folder
 
 
-def given_file(path: str | os.PathLike, what: str) -> Path:
-    """A file the caller named explicitly: it must exist (else a WeightNotFoundError naming ``what``)."""
-    p = Path(os.path.expanduser(os.fspath(path)))
-    if not p.is_file():
-        raise WeightNotFoundError(f"{p}: no such {what}")
-    return p
-
-
 def _facexlib_weights_dir() -> Path | None:
     """facexlib's own download folder (``<site-packages>/facexlib/weights``), found without importing facexlib."""
     import importlib.util
@@ -710,30 +717,6 @@ def _download_url(url: str, dest: Path) -> None:
 def facexlib_folders(folder: Path) -> list[Path]:
     """Where facexlib weight files are looked for: ``folder`` (downloads go there), then facexlib's own folder."""
     return [folder] + [d for d in (_facexlib_weights_dir(),) if d is not None]
-
-
-def find_facexlib_file(
-    name: str, url: str | None, what: str, folder: Path, download: bool
-) -> tuple[Path | None, list[Path], str]:
-    """Look for facexlib's weight file ``name`` in ``folder`` and facexlib's own ``weights/`` folder; fetch it from
-    ``url`` into ``folder`` only with ``download`` (and ``HF_HUB_OFFLINE`` unset).
-
-    Returns (the file or None, the folders searched, why a download did not happen or failed, or "").
-    """
-    places = facexlib_folders(folder)
-    for place in places:
-        if (place / name).is_file():
-            return place / name, places, ""
-    if download and url and not is_offline():
-        logger.warning("downloading facexlib's %s %s into %s", what, url, folder)
-        try:
-            download_url_file(url, folder / name)
-            return folder / name, places, ""
-        except Exception as exc:  # network problems: reported by the caller
-            return None, places, f"The download failed ({type(exc).__name__}: {exc}). "
-    if download and url:
-        return None, places, "Downloads were allowed but HF_HUB_OFFLINE is set, so the network was not used. "
-    return None, places, ""
 
 
 def check_ref(name: str, value: object, optional: bool = True) -> None:

@@ -20,7 +20,7 @@ from fastface import hub
 from fastface.hub import HubFile, HubFolder, WeightNotFoundError
 
 __all__ = ["Need", "Located", "InsightfacePack", "UrlFile", "MissingWeightsError", "FixHint", "locate", "fetch",
-           "resolve_needs", "pack_need"]
+           "resolve_needs", "pack_need", "faces_hint", "doctor_command"]
 
 
 @dataclass(frozen=True)
@@ -122,18 +122,18 @@ def _locate_source(src: Source, cache_dir) -> tuple[Path | None, tuple[tuple[Pat
     if isinstance(src, HubFolder):
         need = tuple(hub._join(src.subfolder, r) for r in src.required) or ((src.subfolder,) if src.subfolder else ())
         snap = hub.find_snapshot(src.repo_id, src.revision, need, cache_dir)
-        where = f"{hub.repo_cache_folder(src.repo_id, cache_dir)}/snapshots/*/{src.subfolder or ''}"
+        snaps = hub.repo_cache_folder(src.repo_id, cache_dir) / "snapshots"
+        where = f"{snaps}/*" + (f"/{src.subfolder}" if src.subfolder else "")
         if snap is None:
             chosen = hub.find_snapshot(src.repo_id, src.revision, (), cache_dir)  # to tell which files lack
-            files = tuple((p, _size(p)) for p in ((chosen or Path(where.rstrip("/"))) / r for r in need))
-            return None, files, where.rstrip("/")
+            files = tuple((p, _size(p)) for p in ((chosen or snaps / "*") / r for r in need))
+            return None, files, where
         folder = snap / src.subfolder if src.subfolder else snap
-        return folder, tuple((snap / r, _size(snap / r)) for r in need), where.rstrip("/")
+        return folder, tuple((snap / r, _size(snap / r)) for r in need), where
     if isinstance(src, InsightfacePack):
-        for folder in (src.folder, src.folder / src.pack):
-            onnx = sorted(folder.glob("*.onnx")) if folder.is_dir() else []
-            if onnx:
-                return src.root, tuple((p, _size(p)) for p in onnx), f"{src.folder}/*.onnx"
+        folder = hub.find_pack_folder(src.root, src.pack)
+        if folder is not None:
+            return src.root, tuple((p, _size(p)) for p in sorted(folder.glob("*.onnx"))), f"{src.folder}/*.onnx"
         return None, ((src.folder, None),), f"{src.folder}/*.onnx"
     if isinstance(src, UrlFile):
         for folder in src.folders:
@@ -172,27 +172,14 @@ def _downloadable(need: Need) -> Source | None:
                 None)
 
 
-def download_blocker(need: Need) -> str | None:
-    """Why ``need`` cannot be downloaded at all (no source to download from, HF_HUB_OFFLINE, no hub extra)."""
-    src = _downloadable(need)
-    if src is None:
-        return "it is a local path (nothing to download)"
-    if hub.is_offline():
-        return "HF_HUB_OFFLINE is set, so the network was not used"
-    if isinstance(src, (HubFile, HubFolder)):
-        try:
-            import huggingface_hub  # noqa: F401  (the optional `hub` extra)
-        except ImportError:
-            return f"huggingface_hub is not installed ({hub.INSTALL_HINT})"
-    return None
-
-
 def fetch(need: Need, cache_dir: str | os.PathLike | None = None) -> Located:
     """Download ``need`` from its first downloadable source, then look it up again. A failure is reported in
     ``problem`` (and leaves nothing half-made behind: see :mod:`fastface.hub`), never raised."""
-    blocker = download_blocker(need)
+    src = _downloadable(need)
+    if src is None:  # a local path the user gave: nothing to download
+        return locate(need, cache_dir)
+    blocker = hub.download_blocker(True, hub_extra=isinstance(src, (HubFile, HubFolder)))
     if blocker is None:
-        src = _downloadable(need)
         try:
             if isinstance(src, HubFile):
                 hub.download_hub_file(src, cache_dir)
@@ -203,7 +190,7 @@ def fetch(need: Need, cache_dir: str | os.PathLike | None = None) -> Located:
             else:
                 hub.download_url_file(src.url, src.folders[0] / src.name)
         except Exception as exc:  # network, auth, archive problems: reported with the need
-            blocker = f"the download failed: {type(exc).__name__}: {exc}"
+            blocker = f"the download failed ({type(exc).__name__}: {exc})"
     got = locate(need, cache_dir)
     if got.found or blocker:
         return Located(need, got.path, got.files, got.looked, "" if got.found else blocker)
@@ -242,7 +229,7 @@ def describe_missing(found: Located, cli: bool, cache_dir=None) -> str:
     if all(isinstance(s, Path) for s in n.sources):  # a file the user named
         return f"{found.looked[0]}: no such {n.what} (given by {n.flag if cli else n.keyword + '='})"
     lacking = [p for p, s in found.files if s is None]
-    text = f"{n.what} not found (looked in {' | '.join(found.looked)}"
+    text = ("for face photos: " if n.for_photos else "") + f"{n.what} not found (looked in {' | '.join(found.looked)}"
     if lacking and len(found.files) > 1:
         text += f"; lacking {', '.join(p.name for p in lacking)}"
     text += ")"
@@ -251,7 +238,7 @@ def describe_missing(found: Located, cli: bool, cache_dir=None) -> str:
     src = _downloadable(n)
     if src is not None:
         text += f"; by hand: {manual_step(src, cache_dir)}"
-    given = n.flag if cli else (f"{n.keyword}=" if n.keyword else "")
+    given = n.flag if cli else (f"{n.keyword}=" + (f" (CLI: {n.flag})" if n.flag else "") if n.keyword else "")
     if given:
         text += f"; or give a local copy with {given}"
     return text
@@ -271,9 +258,12 @@ class MissingWeightsError(WeightNotFoundError):
         failed = any(m.problem.startswith("the download failed") for m in self.missing)
         n = len(self.missing)
         head = f"{n} weight file{'s' if n > 1 else ''} this run needs {'are' if n > 1 else 'is'} missing: "
+        blocked = [m.problem for m in self.missing if m.problem and not m.problem.startswith("the download failed")]
         if failed:
             tail = (f"The download failed (see above): check the network connection (or a proxy / HF_TOKEN), then "
                     f"run `{self.hint.command}` again, or get the files by hand as listed.")
+        elif blocked:
+            tail = f"{blocked[0].rstrip('.')}: fix that, then run `{self.hint.command}`."
         else:
             allow = "" if cli else " (or pass download=True)"
             tail = f"To get them all at once: `{self.hint.command}`{allow}."
@@ -298,19 +288,29 @@ def doctor_command(preset: str | None, adapter: str | None, extra: Iterable[str]
     return shlex.join([*words, *extra, "--download"])
 
 
+def faces_hint(adapter: str | None, face_root: str | os.PathLike | None) -> FixHint:
+    """The fix of missing face models: ``fastface doctor --adapter A --faces-only [--face-root R] --download``."""
+    extra = ["--face-root", os.fspath(face_root)] if face_root is not None else []
+    return FixHint(doctor_command(None, adapter, extra, faces_only=True))
+
+
 def resolve_needs(
     needs: Sequence[Need],
     *,
     download: bool = False,
     cache_dir: str | os.PathLike | None = None,
     hint: FixHint | None = None,
+    also: Sequence[Need] = (),
 ) -> dict[str, Path | None]:
     """Every need's path (None for a missing optional one), looked up first, then the missing ones downloaded in
-    one go when ``download``; raises one :class:`MissingWeightsError` naming every required need still missing."""
+    one go when ``download``; raises one :class:`MissingWeightsError` naming every required need still missing.
+    ``also``: needs of a later step (the face models photos need), never fetched here and no error on their own,
+    but named in the error too when it is raised, so that one error lists everything missing."""
     found = [locate(n, cache_dir) for n in needs]
     if download:
         found = [f if f.found else fetch(f.need, cache_dir) for f in found]
     missing = [f for f in found if not f.found and not f.need.optional]
     if missing:
-        raise MissingWeightsError(missing, hint or FixHint(doctor_command(None, None)), cache_dir)
+        later = [f for f in (locate(n, cache_dir) for n in also) if not f.found and not f.need.optional]
+        raise MissingWeightsError(missing + later, hint or FixHint(doctor_command(None, None)), cache_dir)
     return {f.need.name: f.path for f in found}

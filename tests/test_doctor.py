@@ -131,18 +131,21 @@ def test_pulid_face_models_are_asked_of_the_adapter(fake, capsys, tmp_path):
     assert parts["face_pack"]["looked_in"] == [f"{face_root}/models/antelopev2/*.onnx"]
 
 
-def test_from_pretrained_names_every_missing_part(fake, monkeypatch):
+def test_from_pretrained_names_every_missing_part(fake, tmp_path):
     with pytest.raises(MissingWeightsError) as err:
-        Pipeline.from_pretrained("hyper", "faceid", device="cpu", dtype="fp32")
+        Pipeline.from_pretrained("hyper", "faceid", device="cpu", dtype="fp32", face_root=tmp_path / "no-root")
     msg = str(err.value)
-    assert [m.need.name for m in err.value.missing] == ["text_encoder_2", "vae", "adapter"]
+    # the face models photos will need are named too (not required to load: face files need none)
+    assert [m.need.name for m in err.value.missing] == ["text_encoder_2", "vae", "adapter", "face_pack"]
+    assert "for face photos: insightface model pack 'buffalo_l' not found" in msg
+    assert "face_root= (CLI: --face-root)" in msg
     assert isinstance(err.value, FileNotFoundError) and "\n" not in msg
     for part in ('--include "text_encoder_2/config.json"', '--include "vae/config.json"',
                  f"hf download {FACEID_REPO} ip-adapter-faceid_sdxl.bin"):
         assert part in msg
-    assert msg.startswith("3 weight files this run needs are missing")
+    assert msg.startswith("4 weight files this run needs are missing")
     assert "`fastface doctor --preset hyper --adapter faceid --download` (or pass download=True)" in msg
-    assert "give a local copy with base=" in msg and "adapter_file=" in msg and "--base" not in msg
+    assert "give a local copy with base= (CLI: --base)" in msg and "adapter_file= (CLI: --adapter-file)" in msg
 
 
 def test_generate_names_every_missing_part_with_the_doctor_command(fake, capsys):
@@ -200,18 +203,18 @@ def test_failed_downloads_leave_nothing_behind(fake, capsys, monkeypatch, tmp_pa
                  "--no-progress"])
     out = capsys.readouterr().out
     assert code == EXIT_WEIGHTS
-    assert out.count("the download failed: ConnectionError: network is unreachable") == 7  # 6 required + RetinaFace
+    assert out.count("the download failed (ConnectionError: network is unreachable") == 7  # 6 required + RetinaFace
     assert "allow downloads" not in out and "Not fetched: see the reason under each missing part" in out
     assert tree(tmp_path) == before and not empty_root.exists()
     # generate --download: the same, said in one line, and no "allow downloads"
     code = main(["generate", "--adapter", "faceid", "--face", "me.png", "-p", "x", "--dtype", "fp32", "--device",
                  "cpu", "--face-root", str(empty_root), "--download", "--no-progress"])
     err = capsys.readouterr().err
-    assert code == EXIT_WEIGHTS and "the download failed: ConnectionError" in err and "allow downloads" not in err
+    assert code == EXIT_WEIGHTS and "the download failed (ConnectionError" in err and "allow downloads" not in err
     assert "check the network connection" in err and "--download` again" in err
     assert tree(tmp_path) == before
     # the library's error from a failed download says so too
-    with pytest.raises(MissingWeightsError, match="the download failed: ConnectionError") as exc:
+    with pytest.raises(MissingWeightsError, match=r"the download failed \(ConnectionError") as exc:
         Pipeline.from_pretrained("hyper", "faceid", device="cpu", dtype="fp32", download=True)
     assert "allow downloads" not in str(exc.value)
     assert tree(tmp_path) == before
@@ -281,3 +284,16 @@ def test_importing_the_face_module_stops_albumentations_update_checks():
     env = {k: v for k, v in os.environ.items() if k != "NO_ALBUMENTATIONS_UPDATE"}
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and res.stdout.strip() == "1", res.stderr
+
+
+def test_offline_download_says_why(fake, capsys, monkeypatch, tmp_path):
+    _failing_downloads(monkeypatch)  # a network call would show up as "the download failed"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    before = tree(tmp_path)
+    code = main(["generate", "--adapter", "faceid", "--face", "me.png", "-p", "x", "--dtype", "fp32", "--device",
+                 "cpu", "--face-root", str(tmp_path / "new-root"), "--download", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == EXIT_WEIGHTS and "the download failed" not in err
+    assert err.count("HF_HUB_OFFLINE is set, so the network was not used") == 5  # 3 hub files + the face pack, and the closing advice
+    assert "fix that, then run `fastface doctor --preset hyper --adapter faceid" in err
+    assert tree(tmp_path) == before
