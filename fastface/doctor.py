@@ -108,7 +108,7 @@ def format_report(found: Sequence[Located], *, header: str = "", fix: str = "") 
         lines.append(f"{len(need)} of {len(found)} parts missing ({human_size(total)} found). {fix}".rstrip())
     else:
         opt = sum(not f.found for f in found)
-        lines.append(f"all {len(found) - opt} required parts found ({human_size(total)})"
+        lines.append(f"all {len(found) - opt} {'required ' if opt else ''}parts found ({human_size(total)})"
                      + (f"; {opt} optional part(s) missing" if opt else "") + ".")
     return "\n".join(lines)
 

@@ -297,3 +297,47 @@ def test_offline_download_says_why(fake, capsys, monkeypatch, tmp_path):
     assert err.count("HF_HUB_OFFLINE is set, so the network was not used") == 5  # 3 hub files + the face pack, and the closing advice
     assert "fix that, then run `fastface doctor --preset hyper --adapter faceid" in err
     assert tree(tmp_path) == before
+
+
+def test_doctor_download_fetches_everything_missing_in_one_go(fake, capsys, monkeypatch, tmp_path):
+    import zipfile
+
+    import huggingface_hub
+
+    import fastface.hub as hub
+
+    cache, face_root = fake
+    calls: list[str] = []
+
+    def hf_file(repo_id, filename, *, subfolder=None, revision=None, cache_dir, **kw):
+        calls.append(f"{repo_id}/{filename}")
+        return str(add_files(Path(cache_dir), repo_id, {filename: b"f"}) / filename)
+
+    def hf_folder(repo_id, *, revision=None, cache_dir, allow_patterns, **kw):
+        calls.append(f"{repo_id}:{','.join(allow_patterns)}")
+        snap = Path(cache_dir) / ("models--" + repo_id.replace("/", "--")) / "snapshots" / COMMIT
+        for rel in allow_patterns:  # the patterns are the exact files
+            (snap / rel).parent.mkdir(parents=True, exist_ok=True)
+            (snap / rel).write_bytes(b"s")
+        return str(snap)
+
+    def url(u, dest):  # as hub._download_url: makes the folder, writes the file
+        calls.append(u)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if dest.suffix == ".zip":
+            with zipfile.ZipFile(dest, "w") as zf:
+                zf.writestr("antelopev2/glintr100.onnx", b"r")
+        else:
+            dest.write_bytes(b"u")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_file)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", hf_folder)
+    monkeypatch.setattr(hub, "_download_url", url)
+    args = ["doctor", "--adapter", "pulid", "--dtype", "fp32", "--face-root", str(face_root), "--no-progress"]
+    assert main([*args, "--download"]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "MISSING" not in out and "all 10 parts found" in out
+    assert len(calls) == 7  # text_encoder_2, vae, the PuLID file, EVA, BiSeNet, RetinaFace, antelopev2: once each
+    assert f"{PULID_REPO}/pulid_v1.bin" in calls and hub.insightface_pack_url("antelopev2") in calls
+    assert main(args) == EXIT_OK and len(calls) == 7  # all found now, nothing fetched again
+    assert sorted(p.name for p in (face_root / "models").iterdir()) == ["antelopev2", "buffalo_l", "facexlib"]
