@@ -81,6 +81,14 @@ def _state(f: Located) -> str:
     return "optional, missing" if f.need.optional else "MISSING"
 
 
+def _shown(p: Path, base: Path) -> str:
+    """A file as listed under its part: relative to where the part was found."""
+    try:
+        return str(p.relative_to(base))
+    except ValueError:
+        return str(p)
+
+
 def format_report(found: Sequence[Located], *, header: str = "", fix: str = "") -> str:
     """The text report: one block per part (state, name, size, where found or looked for, why not downloaded),
     its files below it, and a last line saying what to do."""
@@ -91,7 +99,7 @@ def format_report(found: Sequence[Located], *, header: str = "", fix: str = "") 
         if f.found:
             lines.append(f"{'':<19}at {f.path}")
             if len(f.files) > 1:
-                lines += [f"{'':<21}{p.name:<42} {human_size(s):>9}" for p, s in f.files]
+                lines += [f"{'':<21}{_shown(p, f.path):<42} {human_size(s):>9}" for p, s in f.files]
         else:
             lines.append(f"{'':<19}looked in {' | '.join(f.looked)}")
             lacking = [p.name for p, s in f.files if s is None]
