@@ -262,6 +262,11 @@ def test_insightface_url_is_the_one_insightface_uses(tmp_path, monkeypatch):
     with pytest.raises(ConnectionError):
         storage.download("models", "buffalo_l", root=str(tmp_path))
     assert tried == [hub.insightface_pack_url("buffalo_l")]
+    # insightface 0.7.3's storage module: no model_zoo_download_url, BASE_REPO_URL names the v0.7 release
+    monkeypatch.delattr(storage, "model_zoo_download_url", raising=False)
+    monkeypatch.setattr(storage, "BASE_REPO_URL", "https://github.com/deepinsight/insightface/releases/download/v0.7")
+    assert hub.insightface_pack_url("antelopev2") == (
+        "https://github.com/deepinsight/insightface/releases/download/v0.7/antelopev2.zip")
 
 
 def test_face_files_refuse_non_finite_embeddings(tmp_path):
