@@ -3,7 +3,8 @@
 An adapter is one class (:class:`IdentityAdapter`) plus one or more presets (:class:`AdapterPreset`: its files and
 defaults), registered by name (:func:`fastface.adapters.registry.register`). The class
 
-* lists its weight files (:meth:`IdentityAdapter.files`) and loads them (:meth:`IdentityAdapter.load`);
+* lists its weight files (:meth:`IdentityAdapter.files`) and loads them (:meth:`IdentityAdapter.load`), and lists
+  the face-model files photos need (:meth:`IdentityAdapter.face_needs`, for ``fastface doctor``);
 * installs its identity branch in a UNet (:meth:`IdentityAdapter.install`, returning an :class:`InstallHandle`
   whose ``remove()`` restores the UNet exactly);
 * turns face inputs (photos, face files, precomputed embeddings) into an identity (:class:`FacePreparer`, so the
@@ -49,6 +50,7 @@ import torch
 from torch import nn
 
 from fastface.models.loading import WeightFormatError
+from fastface.needs import Need, pack_need
 from fastface.steps import check_bool, check_int, check_number, check_scale
 
 __all__ = [
@@ -322,6 +324,13 @@ class IdentityAdapter(ABC):
         faces: FaceSettings,
     ) -> IdentityAdapter:
         """Load the adapter from the resolved ``files`` (weights in ``dtype`` on ``device``)."""
+
+    @classmethod
+    def face_needs(cls, preset: AdapterPreset, faces: FaceSettings) -> list[Need]:
+        """The face-model files that reading face *photos* needs (face files and embeddings need none), as
+        :class:`~fastface.needs.Need` s: ``fastface doctor`` lists them and the CLI checks them with the rest.
+        Default: the preset's insightface pack under ``faces.face_root``."""
+        return [pack_need(faces.face_root, preset.face_pack)]
 
     @classmethod
     @abstractmethod

@@ -31,6 +31,7 @@ from fastface.adapters.ip_adapter import IPAdapterFaceID
 from fastface.adapters.registry import register
 from fastface.face_files import open_face_analyzer, prepare_identity, save_face_file
 from fastface.hub import HubFile, HubFolder, check_ref
+from fastface.needs import faces_hint
 from fastface.models.clip_vision import CLIPVisionEncoder, clip_preprocess
 from fastface.models.loading import WeightFormatError
 from fastface.steps import check_bool, check_number
@@ -85,7 +86,8 @@ class FaceIDPreparer(FacePreparer):
         """The insightface analyzer of the preset's pack (loaded on first use, from ``face_root``)."""
         if self._analyzer is None:
             self._analyzer = open_face_analyzer(self.faces.face_root, self.preset.face_pack,
-                                                download=self.faces.download)
+                                                download=self.faces.download,
+                                                hint=faces_hint(self.preset.name, self.faces.face_root))
         return self._analyzer
 
     def prepare(self, face: Any) -> FaceInfo:

@@ -29,7 +29,12 @@ from typing import Literal, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from fastface.hub import find_pack_folder, insightface_pack_url
 from fastface.models.loading import WeightFormatError
+
+# insightface 0.7 imports albumentations, which checks PyPI for updates at import unless this is set: no network at
+# import (set before any insightface import, here and in fastface.hub).
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +42,6 @@ ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
 Choice = Union[Literal["largest", "score"], int]
 
 DEFAULT_DET_SIZES = (640, 576, 512, 448, 384, 320)
-PACK_URL = "https://github.com/deepinsight/insightface/releases/download/v0.7/{name}.zip"
 EMBEDDING_DIM = 512
 
 
@@ -248,16 +252,18 @@ def find_model_pack(root: str | os.PathLike, name: str) -> Path:
     """
     root = Path(root).expanduser()
     folder = root / "models" / name
-    for candidate in (folder, folder / name):
-        if candidate.is_dir() and any(candidate.glob("*.onnx")):
-            return candidate
+    found = find_pack_folder(root, name)
+    if found is not None:
+        return found
     hint = ""
     if (root / name).is_dir():
         hint = f" There is a folder {root / name}: pass root={root.parent} (the folder that contains 'models/')."
     raise WeightFormatError(
         f"insightface model pack {name!r} not found: looked for {folder}/*.onnx (and {folder / name}/*.onnx)."
-        f"{hint} fastface never downloads models. Get the pack from {PACK_URL.format(name=name)} and unzip it so that "
-        f"the .onnx files are in {folder}, or point root= at an existing insightface folder (default ~/.insightface)."
+        f"{hint} FaceAnalyzer never downloads models: download=True (the CLI's --download, or `fastface doctor "
+        f"--faces-only --download`) fetches it from {insightface_pack_url(name)} (insightface's own URL), or unzip "
+        f"that file so that the .onnx files are in {folder}, or point face_root= (the CLI's --face-root; here "
+        f"root=) at an existing insightface folder (default ~/.insightface)."
     )
 
 

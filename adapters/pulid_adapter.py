@@ -7,7 +7,7 @@
   facexlib's RetinaFace-R50 ``detection_Resnet50_Final.pth`` (:func:`find_face_detector`, optional: with it photos
   are aligned as upstream, without it with insightface's keypoints and a warning). Both facexlib files are GitHub
   release assets, looked for in ``<face_root>/models/facexlib/`` and facexlib's own ``weights/`` folder and
-  downloaded only on request (:func:`fastface.hub.find_facexlib_file`).
+  downloaded only on request (:func:`pulid_face_needs`, :mod:`fastface.needs`).
 * :class:`PuLIDAdapter`: the contract (:mod:`fastface.adapters.base`); options ``mode`` (zero tokens +
   projection, :data:`~fastface.adapters.pulid.PULID_MODES`) and ``id_mix``; identities are
   :class:`~fastface.adapters.pulid_identity.PuLIDIdentity` (photos or PuLID face files; no bare embeddings).
@@ -46,8 +46,9 @@ from fastface.adapters.pulid_identity import (
     save_pulid_face_file,
 )
 from fastface.adapters.registry import register
-from fastface.face_files import open_face_analyzer
-from fastface.hub import HubFile, WeightNotFoundError, check_ref, find_facexlib_file, given_file, resolve
+from fastface.adapters.faces import FaceAnalyzer
+from fastface.hub import HubFile, check_ref, facexlib_folders
+from fastface.needs import Need, UrlFile, faces_hint, fetch, locate, manual_step, pack_need, resolve_needs
 from fastface.models.eva_clip import EVA_VISION_CONFIGS, EVAVisionTower
 from fastface.models.loading import WeightFormatError, read_weights
 from fastface.models.retinaface import RetinaFace
@@ -142,8 +143,22 @@ def load_pulid(adapter: PuLIDPreset, path: Path, device: torch.device) -> PuLID:
 
 
 
-def _how_to_get(name: str, url: str | None, places: list[Path]) -> str:
-    return f"download {url} into {places[0]}" if url else f"put {name} into {places[0]}"
+def _facexlib_need(adapter: PuLIDPreset, name: str, face_root: PathLike | None, given: PathLike | None) -> Need | None:
+    """The need of facexlib file ``name`` ("face_parser" or "face_detector"): the given file, else the preset's
+    release file looked for in ``<face_root>/models/facexlib`` and facexlib's own folder (None: the preset has none)."""
+    url = getattr(adapter, name)
+    what, optional = {
+        "face_parser": ("BiSeNet face-parsing file (facexlib's parsing_bisenet.pth)", False),
+        "face_detector": ("RetinaFace file (facexlib's detection_Resnet50_Final.pth; optional: aligns photos as "
+                          "upstream)", True),
+    }[name]
+    flag = "--" + name.replace("_", "-")
+    if given is not None:
+        return Need(name, what, (Path(os.path.expanduser(os.fspath(given))),), name, flag, for_photos=True)
+    if url is None:
+        return None
+    src = UrlFile(_file_name(url), url if "://" in url else None, tuple(facexlib_folders(_facexlib_folder(face_root))))
+    return Need(name, what, (src,), name, flag, optional, for_photos=True)
 
 
 def find_face_parser(
@@ -156,23 +171,12 @@ def find_face_parser(
     and in facexlib's own download folder if facexlib is installed. The weights are a GitHub release asset, not on
     the Hugging Face hub: with ``download`` (and ``HF_HUB_OFFLINE`` unset) a missing file is fetched from
     ``adapter.face_parser`` into ``<face_root>/models/facexlib/``; otherwise it is a one-line
-    :class:`~fastface.hub.WeightNotFoundError` saying how to get it.
+    :class:`~fastface.needs.MissingWeightsError` saying how to get it.
     """
-    if path is not None:
-        return given_file(path, f"BiSeNet face-parsing file (facexlib's parsing_bisenet.pth, from {adapter.face_parser})")
-    name = adapter.face_parser_file
-    if name is None:
+    need = _facexlib_need(adapter, "face_parser", face_root, path)
+    if need is None:
         raise ValueError(f"adapter {adapter.name!r} uses no face parser")
-    url = adapter.face_parser if "://" in adapter.face_parser else None
-    found, places, reason = find_facexlib_file(name, url, "BiSeNet face-parsing weights", _facexlib_folder(face_root),
-                                               download)
-    if found is not None:
-        return found
-    raise WeightNotFoundError(
-        f"PuLID's face parser (facexlib BiSeNet, {name}) was not found in {' or '.join(map(str, places))}. {reason}"
-        f"To get it: {_how_to_get(name, url, places)} (it is a GitHub release asset, not on the Hugging Face hub); "
-        "or pass face_parser= / --face-parser PATH; or allow downloads (download=True, or the CLI's --download)."
-    )
+    return resolve_needs([need], download=download, hint=faces_hint(adapter.name, face_root))["face_parser"]
 
 
 def find_face_detector(
@@ -180,20 +184,21 @@ def find_face_detector(
 ) -> Path | None:
     """facexlib's RetinaFace-R50 weights (``detection_Resnet50_Final.pth``), with which PuLID aligns as upstream.
 
-    ``path`` (``face_detector=`` / ``--face-detector``) must exist (else :class:`~fastface.hub.WeightNotFoundError`).
+    ``path`` (``face_detector=`` / ``--face-detector``) must exist (else :class:`~fastface.needs.MissingWeightsError`).
     Otherwise it is looked for and downloaded (only with ``download``) like :func:`find_face_parser`, from
     ``adapter.face_detector``. Not found: None, with a logged warning that photos are aligned with insightface's
     keypoints instead (not upstream's alignment) and how to get the file.
     """
-    if path is not None:
-        return given_file(path, f"RetinaFace file (facexlib's detection_Resnet50_Final.pth, from {adapter.face_detector})")
-    name = adapter.face_detector_file
-    if name is None:
+    need = _facexlib_need(adapter, "face_detector", face_root, path)
+    if need is None:
         return None  # a preset without RetinaFace: insightface keypoints by design
-    url = adapter.face_detector if "://" in adapter.face_detector else None
-    found, places, reason = find_facexlib_file(name, url, "RetinaFace-R50 detector weights",
-                                               _facexlib_folder(face_root), download)
-    if found is None:
+    if path is not None:
+        return resolve_needs([need], hint=faces_hint(adapter.name, face_root))["face_detector"]
+    got = locate(need)
+    if not got.found and download:
+        got = fetch(need)
+    if not got.found:
+        reason = f"{got.problem[:1].upper()}{got.problem[1:]}. " if got.problem else ""
         logger.warning(
             "PuLID: facexlib's RetinaFace weights (%s) were not found in %s. %sPhotos are aligned with insightface's "
             "antelopev2 keypoints of the largest face instead, which differs from upstream (RetinaFace landmarks of "
@@ -201,11 +206,26 @@ def find_face_detector(
             "with several faces another face may be aligned. To align as upstream: %s (a GitHub release asset, not "
             "on the Hugging Face hub), or pass face_detector= / --face-detector PATH, or allow downloads "
             "(download=True, or the CLI's --download).",
-            name, " or ".join(map(str, places)), reason, _how_to_get(name, url, places),
+            need.sources[0].name, " or ".join(got.looked), reason, manual_step(need.sources[0]),
         )
-    return found
+    return got.path
 
 
+def pulid_face_needs(
+    adapter: PuLIDPreset, face_root: PathLike | None = None, eva: PathLike | None = None,
+    face_parser: PathLike | None = None, face_detector: PathLike | None = None,
+) -> list[Need]:
+    """The files PuLID's photo preprocessing needs, where each is looked for: EVA02-CLIP (Hugging Face cache or
+    ``eva``), facexlib's BiSeNet (required) and RetinaFace (optional) in ``<face_root>/models/facexlib`` and
+    facexlib's own folder (or the given files), and the antelopev2 pack under ``face_root``."""
+    out = [Need("eva", "local file (EVA02-CLIP-L-14-336 checkpoint)" if eva is not None else
+                "EVA02-CLIP-L-14-336 checkpoint", (Path(os.path.expanduser(os.fspath(eva))) if eva is not None
+                                                     else adapter.eva,), "eva", "--eva", for_photos=True)]
+    for name, given in (("face_parser", face_parser), ("face_detector", face_detector)):
+        need = _facexlib_need(adapter, name, face_root, given)
+        if need is not None:
+            out.append(need)
+    return [*out, pack_need(face_root, adapter.face_pack)]
 
 
 def load_eva(path: PathLike, *, device: torch.device | str = "cpu") -> EVAVisionTower:
@@ -253,10 +273,13 @@ def open_pulid_preprocessor(
     are aligned with insightface's keypoints, with a warning). Every file is found before any is loaded. ``pulid``:
     check the EVA tower against it.
     """
-    eva_path = resolve(eva if eva is not None else adapter.eva, cache_dir=cache_dir, download=download)
-    parser_path = find_face_parser(adapter, face_root, face_parser, download=download)
-    detector_path = find_face_detector(adapter, face_root, face_detector, download=download)
-    analyzer = open_face_analyzer(face_root, adapter.face_pack, download=download)
+    needs = pulid_face_needs(adapter, face_root, eva, face_parser, face_detector)
+    hint = faces_hint(adapter.name, face_root)
+    got = resolve_needs(needs, download=download, cache_dir=cache_dir, hint=hint)  # every missing file at once
+    eva_path, parser_path, detector_path = got["eva"], got["face_parser"], got.get("face_detector")
+    if detector_path is None and adapter.face_detector_file is not None:
+        find_face_detector(adapter, face_root)  # logs why and how to align as upstream
+    analyzer = FaceAnalyzer(got["face_pack"], pack=adapter.face_pack)
     tower = load_eva(eva_path, device=device)
     if pulid is not None:
         check_pulid_eva(pulid, tower, str(eva_path))
@@ -324,6 +347,11 @@ class PuLIDAdapter(IdentityAdapter):
         super().__init__(preset, preparer, sources)
         self.model = model
         self._null: dict[tuple, torch.Tensor] = {}
+
+    @classmethod
+    def face_needs(cls, preset: PuLIDPreset, faces: FaceSettings) -> list[Need]:
+        f = faces.files
+        return pulid_face_needs(preset, faces.face_root, f.get("eva"), f.get("face_parser"), f.get("face_detector"))
 
     @classmethod
     def face_preparer(cls, preset: PuLIDPreset, faces: FaceSettings) -> PuLIDPreparer:

@@ -1,4 +1,5 @@
-"""The ``fastface`` command: ``fastface generate`` (face + prompt -> PNG), ``fastface embed``, ``fastface selfcheck``.
+"""The ``fastface`` command: ``fastface generate`` (face + prompt -> PNG), ``fastface embed``, ``fastface doctor``
+(every weight file a run needs, found or missing; ``--download`` gets them), ``fastface selfcheck``.
 
 Exit codes: 0 success; 1 an internal error (with a traceback); 2 a bad option or value (also a device this machine
 cannot use, an output path that cannot be written); 3 weights missing, unreadable or not weights at all; 4 a face
@@ -45,6 +46,7 @@ examples:
   fastface generate --adapter NAME --adapter-option KEY=VALUE ...   # an adapter's options: see "adapter options"
   fastface generate --prompts-file prompts.txt --faces-dir people/ --out-dir out/ ...   # a batch, resumable
   torchrun --nproc_per_node=8 -m fastface.batch --prompts-file ...  # the same batch over 8 GPUs
+  fastface doctor --preset hyper --adapter pulid --download   # every file a run needs, fetched in one go
   fastface selfcheck
 """
 
@@ -222,6 +224,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cache-dir", help="Hugging Face hub cache folder (face models from the hub)")
     g.add_argument("--device", help="device for the face models (default: cuda if available)")
 
+    doc = sub.add_parser("doctor", help="list every weight file a run needs, found or missing (--download: get them)",
+                         description="Lists every file that `fastface generate` with these options needs (the "
+                         "model parts, the adapter files and the face models photos need), where fastface looks for "
+                         "each, found or missing, with sizes. Exit code 0 when all are found, 3 otherwise. With "
+                         "--download every missing file is fetched in one go.")
+    doc.add_argument("--preset", default="hyper", choices=list(MODEL_PRESETS), help="model recipe (default hyper)")
+    doc.add_argument("--adapter", default="faceid-plusv2", choices=list(adapters),
+                     help="identity adapter (default faceid-plusv2)")
+    doc.add_argument("--steps", type=int, help="step count (hyper and lightning ship one file per count)")
+    doc.add_argument("--dtype", choices=("fp16", "bf16", "fp32"),
+                     help="as for generate: fp16/bf16 prefer the fp16 files (default fp16 on CUDA, fp32 elsewhere)")
+    doc.add_argument("--faces-only", action="store_true", help="only the face models that reading photos needs")
+    doc.add_argument("--no-faces", action="store_true", help="not the face models (faces given as face files)")
+    doc.add_argument("--json", action="store_true", help="print the report as JSON")
+    doc.add_argument("--no-progress", action="store_true", help="no progress bar while downloading")
+    _add_weights(doc)
+
     chk = sub.add_parser("selfcheck", help="run the whole pipeline on tiny random weights (offline, seconds)",
                          description="Builds the pipeline from tiny random weights written on the fly and runs "
                          "every method once. Its images are NOT meaningful: it only proves the installation works.")
@@ -378,6 +397,7 @@ def _generate(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> int:
     planned = _outputs(ns.output, [seed + i for i in range(ns.num_images)])
     for path in planned:
         _check_writable(path)
+    _check_files(ns, entry, files)  # every missing file named at once (or fetched with --download)
     # The face first: a photo without a face fails before the generation weights are loaded.
     preparer = _preparer(ns, entry, files)
     face = _identity(ns, preparer)
@@ -453,6 +473,76 @@ def _embed(ns: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _doctor_flags(ns: argparse.Namespace, entry: Any) -> list[str]:
+    """The weight options given on the command line, to repeat in the `fastface doctor` command of a message."""
+    words: list[str] = []
+    for dest in ("steps", "dtype", "cache_dir", "base", "unet", "weights", "vae", "adapter_file", "face_root"):
+        if getattr(ns, dest, None) is not None:
+            words += ["--" + dest.replace("_", "-"), str(getattr(ns, dest))]
+    for o in entry.adapter.load_options():
+        value = getattr(ns, _dest(o.cli_flag), None)
+        if value is not None:
+            words += [o.cli_flag, str(value)]
+    return words
+
+
+def _doctor_hint(ns: argparse.Namespace, faces_only: bool = False) -> Any:
+    """How the CLI says to get missing files: the `fastface doctor ... --download` of the same options."""
+    from fastface.adapters.registry import get_entry
+    from fastface.needs import FixHint, doctor_command
+
+    entry = get_entry(ns.adapter)
+    return FixHint(doctor_command(getattr(ns, "preset", None), ns.adapter, _doctor_flags(ns, entry), faces_only),
+                   cli=True)
+
+
+def _run_needs(ns: argparse.Namespace, files: dict[str, Any], photos: bool, models: bool = True) -> list:
+    import torch
+
+    from fastface.components import LocalPaths
+    from fastface.doctor import run_needs
+    from fastface.pipeline import _device, parse_dtype
+
+    half = parse_dtype(ns.dtype, _device(getattr(ns, "device", None))) != torch.float32
+    paths = LocalPaths(ns.base, ns.unet, ns.weights, ns.vae, ns.adapter_file)
+    return run_needs(ns.preset, ns.adapter, steps=ns.steps, half=half, paths=paths, adapter_files=files,
+                     face_root=ns.face_root, photos=photos, models=models)
+
+
+def _check_files(ns: argparse.Namespace, entry: Any, files: dict[str, Any]) -> None:
+    """Before anything loads: every file `generate` needs (the face models only for photos) is found, or fetched
+    in one go with --download; else one error naming them all and the `fastface doctor` command."""
+    from fastface.needs import resolve_needs
+
+    photos = any(Path(f).suffix.lower() not in (".npy", ".safetensors") for f in ns.face)
+    resolve_needs(_run_needs(ns, files, photos), download=ns.download, cache_dir=ns.cache_dir, hint=_doctor_hint(ns))
+
+
+def _doctor(ns: argparse.Namespace) -> int:
+    from fastface.adapters.registry import get_entry
+    from fastface.doctor import check, format_report, report_json
+
+    if ns.faces_only and ns.no_faces:
+        raise CLIError(EXIT_USAGE, "--faces-only and --no-faces exclude each other")
+    entry = get_entry(ns.adapter)
+    files, _ = _adapter_options(ns, entry, load=True)
+    needs = _run_needs(ns, files, photos=not ns.no_faces, models=not ns.faces_only)
+    found = check(needs, cache_dir=ns.cache_dir, download=ns.download, progress=not ns.no_progress)
+    ok = all(f.found or f.need.optional for f in found)
+    if ns.json:
+        print(json.dumps(report_json(found, preset=None if ns.faces_only else ns.preset, adapter=ns.adapter,
+                                     cache_dir=ns.cache_dir), indent=2))
+    else:
+        from fastface.hub import hub_cache_dir
+
+        header = (f"fastface doctor: {'face models of' if ns.faces_only else f'preset {ns.preset} +'} adapter "
+                  f"{ns.adapter}; Hugging Face cache {hub_cache_dir(ns.cache_dir)}")
+        fix = "" if ok else ("Not fetched: see the reason under each missing part above."
+                             if ns.download else f"Get them all: {_doctor_hint(ns, ns.faces_only).command}")
+        print(format_report(found, header=header, fix=fix))
+    return EXIT_OK if ok else EXIT_WEIGHTS
+
+
 def _selfcheck(ns: argparse.Namespace) -> int:
     from fastface.selfcheck import run_selfcheck
 
@@ -476,6 +566,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _generate(parser, ns)
         if ns.command == "embed":
             return _embed(ns)
+        if ns.command == "doctor":
+            return _doctor(ns)
         return _selfcheck(ns)
     except CLIError as exc:
         return _fail(exc.code, str(exc))
@@ -485,6 +577,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from fastface.adapters.faces import ImageReadError, NoFaceError
         from fastface.models.loading import WeightFormatError
 
+        from fastface.needs import MissingWeightsError
+
+        if isinstance(exc, MissingWeightsError) and not exc.hint.cli:  # raised by the library: say it in flags
+            exc = exc.with_hint(_doctor_hint(ns, faces_only=ns.command == "embed"))
         if isinstance(exc, WeightFormatError):
             return _fail(EXIT_WEIGHTS, str(exc))
         if isinstance(exc, (NoFaceError, ImageReadError)):

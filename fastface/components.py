@@ -5,7 +5,8 @@ Every part comes from a model recipe (:func:`fastface.presets.model_recipe`) and
 ``unet`` (a UNet folder or file), ``weights`` (the distilled LoRA of hyper/lcm/tcd, or the distilled UNet file of
 lightning), ``vae`` (folder or file), ``adapter_file``, and the adapter's own load options (files it names).
 Repo parts are looked up in the Hugging Face cache and downloaded only with ``download=True``
-(:mod:`fastface.hub`). Everything is resolved before anything is loaded, so a missing file is reported at once.
+(:mod:`fastface.hub`). Every part is looked up before anything is loaded, and all missing parts are reported
+together (:mod:`fastface.needs`); ``fastface doctor`` lists the same parts.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import dataclasses
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,8 +24,9 @@ import torch
 
 from fastface.adapters.base import FaceSettings, IdentityAdapter
 from fastface.adapters.registry import AdapterEntry
-from fastface.hub import WeightRef, resolve, resolve_first
+from fastface.hub import HubFile, HubFolder, WeightRef
 from fastface.models.loading import WeightFormatError
+from fastface.needs import FixHint, Need, doctor_command, resolve_needs
 from fastface.models.lora_files import fuse_lora
 from fastface.models.text import SDXLTextConditioner, load_text_encoder, read_force_zeros
 from fastface.models.tokenizer import CLIPTokenizer
@@ -36,7 +38,7 @@ from fastface.presets import ModelRecipe
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Components", "LocalPaths", "resolve_sources", "load_components"]
+__all__ = ["Components", "LocalPaths", "source_needs", "resolve_sources", "load_components"]
 
 PathLike = str | os.PathLike
 
@@ -74,6 +76,62 @@ def _candidates(recipe: ModelRecipe, name: str, half: bool) -> list[WeightRef]:
     return out
 
 
+def _source(ref: WeightRef) -> HubFile | HubFolder | Path:
+    return ref if isinstance(ref, (HubFile, HubFolder)) else Path(os.path.expanduser(os.fspath(ref)))
+
+
+def _need(name: str, what: str, refs: Any, keyword: str, flag: str) -> Need:
+    refs = refs if isinstance(refs, (tuple, list)) else (refs,)
+    sources = tuple(_source(r) for r in refs)
+    if all(isinstance(s, Path) for s in sources):
+        what = f"local file or folder ({what})"
+    return Need(name, what, sources, keyword, flag)
+
+
+_PARTS = {"unet": "the UNet", "text_encoder": "the first text encoder (CLIP ViT-L)",
+          "text_encoder_2": "the second text encoder (OpenCLIP ViT-bigG)", "vae": "the VAE"}
+
+
+def source_needs(
+    recipe: ModelRecipe,
+    adapter: AdapterEntry,
+    paths: LocalPaths = LocalPaths(),
+    adapter_files: Mapping[str, Any] | None = None,
+    *,
+    half: bool = False,
+) -> list[Need]:
+    """Every part a pipeline loads, as :class:`~fastface.needs.Need` s (where each is looked for, and the keyword /
+    flag that gives a local copy): ``unet``, ``weights`` (when the recipe has distilled weights), ``text_encoder``,
+    ``text_encoder_2``, ``vae``, and the adapter's files (``adapter``, and what else its class lists)."""
+    if paths.base is not None:
+        recipe = dataclasses.replace(recipe, base=paths.base)
+    if paths.vae is not None:
+        recipe = dataclasses.replace(recipe, vae=paths.vae)
+    out: list[Need] = []
+    if paths.unet is not None:
+        out.append(_need("unet", _PARTS["unet"], paths.unet, "unet", "--unet"))
+    else:
+        out.append(_need("unet", f"{_PARTS['unet']} of {recipe.preset}", _candidates(recipe, "unet", half), "base",
+                         "--base"))
+    weights = paths.weights if paths.weights is not None else recipe.weights
+    # A user UNet replaces the distilled UNet file of apply='unet' (lightning) unless weights are given too.
+    if weights is not None and not (recipe.apply == "unet" and paths.unet is not None and paths.weights is None):
+        out.append(_need("weights", f"the distilled weights of {recipe.preset} ({recipe.steps} steps)", weights,
+                         "weights", "--weights"))
+    for name in ("text_encoder", "text_encoder_2", "vae"):
+        own = name == "vae" and recipe.vae is not None
+        out.append(_need(name, _PARTS[name], _candidates(recipe, name, half), "vae" if own else "base",
+                         "--vae" if own else "--base"))
+    options = {o.name: o for o in adapter.adapter.load_options()}
+    for name, ref in adapter.adapter.files(adapter.preset, paths.adapter_file, adapter_files or {}).items():
+        if name == "adapter":
+            out.append(_need(name, f"the {adapter.name} adapter file", ref, "adapter_file", "--adapter-file"))
+        else:
+            o = options.get(name)
+            out.append(_need(name, o.help if o else name, ref, name, o.cli_flag if o else ""))
+    return out
+
+
 def resolve_sources(
     recipe: ModelRecipe,
     adapter: AdapterEntry,
@@ -83,32 +141,18 @@ def resolve_sources(
     half: bool = False,
     download: bool = False,
     cache_dir: PathLike | None = None,
+    hint: FixHint | None = None,
+    also: Sequence[Need] = (),
 ) -> dict[str, Path]:
-    """Local paths of every part: ``unet`` (folder, or its config folder for apply='unet'), ``weights`` (or absent),
-    ``text_encoder``, ``text_encoder_2``, ``vae``, and the adapter's files (``adapter``, and what else its class
-    lists, e.g. ``image_encoder``). ``adapter_files``: the user's adapter load options.
+    """Local paths of every part of :func:`source_needs` (downloaded into the cache with ``download``).
 
-    Raises :class:`fastface.hub.WeightNotFoundError` naming the first missing part and how to get it.
+    Raises one :class:`fastface.needs.MissingWeightsError` naming every missing part and how to get them all
+    (``hint``: the command; default ``fastface doctor --preset ... --adapter ... --download``); ``also``: needs of a
+    later step (the adapter's face models), not fetched here but named in that error when they are missing too.
     """
-    if paths.base is not None:
-        recipe = dataclasses.replace(recipe, base=paths.base)
-    if paths.vae is not None:
-        recipe = dataclasses.replace(recipe, vae=paths.vae)
-    kw = dict(cache_dir=cache_dir, download=download)
-    out: dict[str, Path] = {}
-    if paths.unet is not None:
-        out["unet"] = resolve(paths.unet)
-    else:
-        out["unet"] = resolve_first(_candidates(recipe, "unet", half), **kw)
-    weights = paths.weights if paths.weights is not None else recipe.weights
-    # A user UNet replaces the distilled UNet file of apply='unet' (lightning) unless weights are given too.
-    if weights is not None and not (recipe.apply == "unet" and paths.unet is not None and paths.weights is None):
-        out["weights"] = resolve(weights, **kw)
-    for name in ("text_encoder", "text_encoder_2", "vae"):
-        out[name] = resolve_first(_candidates(recipe, name, half), **kw)
-    for name, ref in adapter.adapter.files(adapter.preset, paths.adapter_file, adapter_files or {}).items():
-        out[name] = resolve_first(list(ref), **kw) if isinstance(ref, tuple) else resolve(ref, **kw)
-    return out
+    needs = source_needs(recipe, adapter, paths, adapter_files, half=half)
+    hint = hint or FixHint(doctor_command(recipe.preset, adapter.name))
+    return resolve_needs(needs, download=download, cache_dir=cache_dir, hint=hint, also=also)
 
 
 def _unet_config(folder: Path) -> UNetConfig:

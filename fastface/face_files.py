@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fastface.adapters.faces import PACK_URL, FaceAnalyzer, FaceInfo, ImageReadError, average_faces
-from fastface.hub import download_insightface_pack, is_offline
+from fastface.adapters.faces import FaceAnalyzer, FaceInfo, ImageReadError, average_faces
+from fastface.needs import FixHint, faces_hint, pack_need, resolve_needs
 from fastface.models.loading import WeightFormatError, read_safetensors
 
 logger = logging.getLogger(__name__)
@@ -59,21 +59,17 @@ def prepare_identity(face: FaceInput, analyzer: Callable[[], FaceAnalyzer]) -> F
 
 
 def open_face_analyzer(
-    root: str | os.PathLike | None, pack: str = "buffalo_l", *, download: bool = False
+    root: str | os.PathLike | None, pack: str = "buffalo_l", *, download: bool = False, hint: FixHint | None = None
 ) -> FaceAnalyzer:
     """The insightface analyzer of ``pack`` under ``root`` (default ``~/.insightface``).
 
-    With ``download`` (and ``HF_HUB_OFFLINE`` unset) a missing pack is fetched once from the insightface GitHub
-    releases into ``root/models/<pack>``; otherwise a missing pack is a WeightFormatError saying how to get it.
+    With ``download`` (and ``HF_HUB_OFFLINE`` unset) a missing pack is fetched once from the URL insightface uses
+    into ``root/models/<pack>``; otherwise a missing pack is a :class:`~fastface.needs.MissingWeightsError` saying
+    how to get it (``hint``: the command that does, default ``fastface doctor --faces-only ... --download``).
     """
-    root = Path(os.path.expanduser(os.fspath(root or "~/.insightface")))
-    try:
-        return FaceAnalyzer(root, pack=pack)
-    except WeightFormatError:
-        if not download or is_offline():
-            raise
-    download_insightface_pack(root, pack, PACK_URL.format(name=pack))
-    return FaceAnalyzer(root, pack=pack)
+    need = pack_need(root, pack)
+    resolve_needs([need], download=download, hint=hint or faces_hint(None, root))
+    return FaceAnalyzer(need.sources[0].root, pack=pack)
 
 
 def safetensors_metadata(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -123,6 +119,10 @@ def load_face_file(path: PathLike) -> FaceInfo:
     if emb.dtype.kind != "f" or emb.ndim not in (1, 2) or emb.shape[-1] != 512:
         raise ValueError(f"{path}: expected float embeddings [512] or [N, 512], got {emb.dtype} {emb.shape}")
     emb = emb.reshape(-1, 512)
+    if not np.isfinite(emb).all():
+        nan, inf = int(np.isnan(emb).sum()), int(np.isinf(emb).sum())
+        raise ValueError(f"{path}: the face embedding holds non-finite values ({nan} NaN, {inf} Inf of {emb.size}); "
+                         "the file is damaged: make it again from photos with `fastface embed` (fastface.save_face_file)")
     if crops is not None:
         crops = crops[None] if crops.ndim == 3 else crops
         if crops.dtype != np.uint8 or crops.ndim != 4 or crops.shape[-1] != 3:

@@ -15,7 +15,10 @@ is taken from another snapshot that has it, newest first, and the choice is logg
 
 Network access happens only when the caller passes ``download=True`` (the CLI's ``--download``), the optional
 ``hub`` extra (``huggingface_hub``) is installed, and ``HF_HUB_OFFLINE`` is not set; the file then goes into the
-same cache through ``huggingface_hub.hf_hub_download`` / ``snapshot_download``.
+same cache through ``huggingface_hub.hf_hub_download`` / ``snapshot_download``. Files outside the hub (insightface's
+face-analysis packs, facexlib's release files) are fetched into a temporary file or folder beside their place and
+renamed into it when complete. A failed download of any kind leaves nothing behind: no partial file, no empty
+folder it created (:class:`_Tidy`).
 
 Anything missing raises :class:`WeightNotFoundError`, a subclass of both
 :class:`fastface.models.loading.WeightFormatError` (so every weight problem is caught by one ``except``) and
@@ -42,6 +45,7 @@ __all__ = [
     "WeightRef",
     "hub_cache_dir",
     "is_offline",
+    "download_blocker",
     "repo_cache_folder",
     "find_snapshot",
     "find_in_cache",
@@ -51,8 +55,12 @@ __all__ = [
     "resolve",
     "resolve_first",
     "download_insightface_pack",
-    "given_file",
-    "find_facexlib_file",
+    "download_hub_file",
+    "download_hub_folder",
+    "download_url_file",
+    "insightface_pack_url",
+    "find_pack_folder",
+    "facexlib_folders",
     "check_ref",
 ]
 
@@ -60,7 +68,10 @@ _TRUE = {"1", "ON", "YES", "TRUE"}
 _REPO_PART = r"[A-Za-z0-9][A-Za-z0-9._-]*"
 _REPO_RE = re.compile(rf"^(?:{_REPO_PART}/)?{_REPO_PART}$")
 _COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
-_INSTALL_HINT = "pip install 'fastface[hub]'"
+INSTALL_HINT = "pip install 'fastface[hub]'"
+_INSTALL_HINT = INSTALL_HINT
+# insightface's own release URL of its face-analysis packs when its package cannot tell (insightface 2.x: model-zoo).
+INSIGHTFACE_PACK_URL = "https://github.com/deepinsight/insightface/releases/download/model-zoo/{name}.zip"
 
 
 class WeightNotFoundError(WeightFormatError, FileNotFoundError):
@@ -296,20 +307,27 @@ def _missing(
         lines.append(f"Broken cache links (an interrupted download?): {', '.join(broken)}; download them again.")
     if reason:
         lines.append(reason)
+    if reason and reason.startswith("The download failed"):
+        allow = "check the network connection and try again"
+    elif reason:
+        allow = "fix that and allow downloads again"
+    else:
+        allow = f"install the hub extra ({INSTALL_HINT}) and allow downloads (download=True, or the CLI's --download)"
     lines.append(
         f"To get it: run `{command}` (`huggingface-cli download` with huggingface_hub < 1.0); "
-        f"or install the hub extra ({_INSTALL_HINT}) and allow downloads "
-        f"(download=True, or the CLI's --download); or pass {local_hint} instead."
+        f"or {allow}; or pass {local_hint} instead."
     )
     return WeightNotFoundError(" ".join(lines))
 
 
-def _download_blocker(download: bool) -> str | None:
-    """Why no download is attempted (None when one may be)."""
+def download_blocker(download: bool, hub_extra: bool = True) -> str | None:
+    """Why no download is attempted (None when one may be); ``hub_extra``: the download needs ``huggingface_hub``."""
     if not download:
         return None
     if is_offline():
         return "Downloads were allowed but HF_HUB_OFFLINE is set, so the network was not used."
+    if not hub_extra:
+        return None
     try:
         import huggingface_hub  # noqa: F401  (the optional `hub` extra)
     except ImportError:
@@ -378,19 +396,10 @@ def _hub_file(ref: HubFile, cache_dir: str | os.PathLike | None, download: bool)
     found = find_in_cache(ref.repo_id, rel, ref.revision, cache_dir)
     if found is not None:
         return found
-    reason = _download_blocker(download)
+    reason = download_blocker(download)
     if download and reason is None:
-        import huggingface_hub
-
-        logger.info("downloading %s into %s", ref, hub_cache_dir(cache_dir))
         try:
-            got = huggingface_hub.hf_hub_download(
-                ref.repo_id,
-                ref.filename,
-                subfolder=ref.subfolder,
-                revision=ref.revision,
-                cache_dir=str(hub_cache_dir(cache_dir)),
-            )
+            got = download_hub_file(ref, cache_dir)
         except Exception as exc:  # network, auth, missing entry: all become one clear error
             reason = f"The download failed: {type(exc).__name__}: {exc}"
         else:
@@ -452,20 +461,10 @@ def _hub_folder(ref: HubFolder, cache_dir: str | os.PathLike | None, download: b
     snap = find_snapshot(ref.repo_id, ref.revision, need, cache_dir)
     if snap is not None:
         return snap / ref.subfolder if ref.subfolder else snap
-    reason = _download_blocker(download)
+    reason = download_blocker(download)
     if download and reason is None:
-        import huggingface_hub
-
-        logger.info("downloading %s into %s", ref, hub_cache_dir(cache_dir))
         try:
-            got = Path(
-                huggingface_hub.snapshot_download(
-                    ref.repo_id,
-                    revision=ref.revision,
-                    cache_dir=str(hub_cache_dir(cache_dir)),
-                    allow_patterns=None if ref.allow_patterns is None else list(ref.allow_patterns),
-                )
-            )
+            got = download_hub_folder(ref, cache_dir)
         except Exception as exc:  # network, auth, missing repo: all become one clear error
             reason = f"The download failed: {type(exc).__name__}: {exc}"
         else:
@@ -524,35 +523,157 @@ def resolve_first(
 # Weight files outside the Hugging Face hub: insightface packs and GitHub release assets
 
 
-def download_insightface_pack(root: str | os.PathLike, pack: str, url: str) -> None:
-    """Fetch insightface's face-analysis ``pack`` into ``root/models/<pack>`` (insightface's own downloader).
-
-    For callers that allowed downloads (and checked :func:`is_offline`). ``url``: the release asset, named in the
-    error when the download fails.
-    """
-    import contextlib
-    import io
-
-    folder = Path(root) / "models" / pack
-    from insightface.utils import storage
-
-    logger.warning("downloading the insightface face-analysis pack %r into %s", pack, folder)
+def insightface_pack_url(pack: str) -> str:
+    """The URL insightface itself downloads face-analysis ``pack`` from (asked of the installed insightface, whose
+    release tag changed between versions; :data:`INSIGHTFACE_PACK_URL` when it cannot tell)."""
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # insightface 0.7 imports albumentations (no network)
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            storage.download("models", pack, force=folder.exists(), root=str(root))
-    except Exception as exc:  # network or archive problems: one clear error
-        raise WeightNotFoundError(
-            f"could not download the insightface pack {pack!r} into {folder} ({type(exc).__name__}: {exc}); get "
-            f"{url} and unzip it there, or pass face_root= / --face-root"
-        ) from exc
+        from insightface.utils import storage
+    except Exception:  # not installed or not importable: the known URL
+        return INSIGHTFACE_PACK_URL.format(name=pack)
+    if hasattr(storage, "model_zoo_download_url"):
+        return storage.model_zoo_download_url(f"{pack}.zip")
+    base = getattr(storage, "BASE_REPO_URL", None)
+    return f"{base.rstrip('/')}/{pack}.zip" if base else INSIGHTFACE_PACK_URL.format(name=pack)
 
 
-def given_file(path: str | os.PathLike, what: str) -> Path:
-    """A file the caller named explicitly: it must exist (else a WeightNotFoundError naming ``what``)."""
-    p = Path(os.path.expanduser(os.fspath(path)))
-    if not p.is_file():
-        raise WeightNotFoundError(f"{p}: no such {what}")
-    return p
+def find_pack_folder(root: str | os.PathLike, pack: str) -> Path | None:
+    """The folder of the ``.onnx`` files of insightface pack ``pack`` under ``root`` (``root/models/<pack>``, or
+    ``root/models/<pack>/<pack>`` as unzipping ``antelopev2.zip`` in place gives), or None. No network."""
+    folder = Path(os.path.expanduser(os.fspath(root))) / "models" / pack
+    for candidate in (folder, folder / pack):
+        if candidate.is_dir() and any(candidate.glob("*.onnx")):
+            return candidate
+    return None
+
+
+def _tree(folder: Path) -> set[Path]:
+    return set(folder.rglob("*")) if folder.is_dir() else set()
+
+
+class _Tidy:
+    """Undo what a failed download created under ``folders``: folders that did not exist are removed with their
+    parents that did not exist either; in folders that did, the new files and folders are removed."""
+
+    def __init__(self, *folders: Path) -> None:
+        self.before = {f: (_tree(f) if f.exists() else None) for f in folders}
+        self.new_dirs: list[Path] = []
+        for f in folders:
+            p = f
+            while not p.exists() and p != p.parent:
+                self.new_dirs.append(p)
+                p = p.parent
+
+    def undo(self) -> None:
+        import shutil
+
+        for folder, before in self.before.items():
+            if before is None:
+                shutil.rmtree(folder, ignore_errors=True)
+                continue
+            for p in sorted(_tree(folder) - before, key=lambda q: -len(q.parts)):  # deepest first
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
+        for d in sorted(set(self.new_dirs), key=lambda q: -len(q.parts)):
+            try:
+                d.rmdir()
+            except OSError:
+                pass  # not empty: something else put files there
+
+
+def _hub_tidy(repo_id: str, cache_dir: str | os.PathLike | None) -> _Tidy:
+    cache = hub_cache_dir(cache_dir)
+    name = repo_cache_folder(repo_id, cache_dir).name
+    return _Tidy(cache / name, cache / ".locks" / name)
+
+
+def download_hub_file(ref: HubFile, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Download one repo file into the Hugging Face cache (``huggingface_hub``, its progress bar); a failed download
+    leaves the cache as it was (no partial blob, no empty repo folder) and raises."""
+    import huggingface_hub
+
+    logger.info("downloading %s into %s", ref, hub_cache_dir(cache_dir))
+    tidy = _hub_tidy(ref.repo_id, cache_dir)
+    try:
+        return Path(huggingface_hub.hf_hub_download(
+            ref.repo_id, ref.filename, subfolder=ref.subfolder, revision=ref.revision,
+            cache_dir=str(hub_cache_dir(cache_dir)),
+        ))
+    except BaseException:
+        tidy.undo()
+        raise
+
+
+def download_hub_folder(ref: HubFolder, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Download a repo folder's ``allow_patterns`` into the Hugging Face cache (``snapshot_download``); a failed
+    download leaves the cache as it was and raises. Returns the snapshot folder."""
+    import huggingface_hub
+
+    logger.info("downloading %s into %s", ref, hub_cache_dir(cache_dir))
+    tidy = _hub_tidy(ref.repo_id, cache_dir)
+    try:
+        return Path(huggingface_hub.snapshot_download(
+            ref.repo_id, revision=ref.revision, cache_dir=str(hub_cache_dir(cache_dir)),
+            allow_patterns=None if ref.allow_patterns is None else list(ref.allow_patterns),
+        ))
+    except BaseException:
+        tidy.undo()
+        raise
+
+
+def download_url_file(url: str, dest: Path) -> Path:
+    """Fetch ``url`` into ``dest`` (through a temporary file in the same folder, renamed when complete); a failed
+    download leaves no file and no folder it created."""
+    tidy = _Tidy(dest.parent)
+    logger.warning("downloading %s into %s", url, dest)
+    try:
+        _download_url(url, dest)
+    except BaseException:
+        tidy.undo()
+        raise
+    return dest
+
+
+def download_insightface_pack(root: str | os.PathLike, pack: str) -> Path:
+    """Fetch insightface's face-analysis ``pack`` into ``root/models/<pack>`` from the URL insightface uses
+    (:func:`insightface_pack_url`). The archive is fetched and unpacked in a temporary folder beside it and renamed
+    into place when complete: a failed download leaves no partial pack and no ``models`` folder it created."""
+    import shutil
+    import tempfile
+    import zipfile
+
+    root = Path(os.path.expanduser(os.fspath(root)))
+    models, url = root / "models", insightface_pack_url(pack)
+    folder = models / pack
+    tidy = _Tidy(models)
+    logger.warning("downloading the insightface face-analysis pack %r from %s into %s", pack, url, folder)
+    tmp: Path | None = None
+    try:
+        models.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{pack}-", suffix=".part", dir=models))
+        _download_url(url, tmp / f"{pack}.zip")
+        try:
+            with zipfile.ZipFile(tmp / f"{pack}.zip") as zf:
+                zf.extractall(tmp / "unzipped")
+        except zipfile.BadZipFile as exc:
+            raise WeightFormatError(f"{url}: the download is not a zip archive ({exc})") from exc
+        inner = tmp / "unzipped"
+        if [p.name for p in inner.iterdir()] == [pack] and (inner / pack).is_dir():
+            inner = inner / pack  # antelopev2.zip holds antelopev2/*.onnx
+        if not any(inner.rglob("*.onnx")):
+            raise WeightFormatError(f"{url}: the archive holds no .onnx model")
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()  # an empty folder left by an earlier, interrupted download
+        inner.replace(folder)
+    except BaseException:
+        tidy.undo()
+        raise
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
 
 
 def _facexlib_weights_dir() -> Path | None:
@@ -569,17 +690,23 @@ def _facexlib_weights_dir() -> Path | None:
 
 
 def _download_url(url: str, dest: Path) -> None:
-    """Fetch ``url`` into ``dest`` through a temporary file (no partial file is left behind)."""
-    import shutil
+    """Fetch ``url`` into ``dest`` through a temporary file renamed when complete (no partial file is left
+    behind), with a progress bar on a terminal. The only network access of fastface outside ``huggingface_hub``."""
     import tempfile
     import urllib.request
 
+    from tqdm import tqdm
+
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=dest.parent, prefix=dest.name, suffix=".part", delete=False) as tmp:
+    with tempfile.NamedTemporaryFile(dir=dest.parent, prefix=f".{dest.name}", suffix=".part", delete=False) as tmp:
         part = Path(tmp.name)
         try:
             with urllib.request.urlopen(url, timeout=60) as response:  # noqa: S310  (a fixed https URL)
-                shutil.copyfileobj(response, tmp)
+                total = int(response.headers.get("Content-Length") or 0) or None
+                with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, disable=None) as bar:
+                    while chunk := response.read(1 << 20):
+                        tmp.write(chunk)
+                        bar.update(len(chunk))
         except BaseException:
             tmp.close()
             part.unlink(missing_ok=True)
@@ -587,28 +714,9 @@ def _download_url(url: str, dest: Path) -> None:
     part.replace(dest)
 
 
-def find_facexlib_file(
-    name: str, url: str | None, what: str, folder: Path, download: bool
-) -> tuple[Path | None, list[Path], str]:
-    """Look for facexlib's weight file ``name`` in ``folder`` and facexlib's own ``weights/`` folder; fetch it from
-    ``url`` into ``folder`` only with ``download`` (and ``HF_HUB_OFFLINE`` unset).
-
-    Returns (the file or None, the folders searched, why a download did not happen or failed, or "").
-    """
-    places = [folder] + [d for d in (_facexlib_weights_dir(),) if d is not None]
-    for place in places:
-        if (place / name).is_file():
-            return place / name, places, ""
-    if download and url and not is_offline():
-        logger.warning("downloading facexlib's %s %s into %s", what, url, folder)
-        try:
-            _download_url(url, folder / name)
-            return folder / name, places, ""
-        except Exception as exc:  # network problems: reported by the caller
-            return None, places, f"The download failed ({type(exc).__name__}: {exc}). "
-    if download and url:
-        return None, places, "Downloads were allowed but HF_HUB_OFFLINE is set, so the network was not used. "
-    return None, places, ""
+def facexlib_folders(folder: Path) -> list[Path]:
+    """Where facexlib weight files are looked for: ``folder`` (downloads go there), then facexlib's own folder."""
+    return [folder] + [d for d in (_facexlib_weights_dir(),) if d is not None]
 
 
 def check_ref(name: str, value: object, optional: bool = True) -> None:

@@ -139,9 +139,9 @@ class Pipeline:
             recipe_overrides["weights"] = Path(os.path.expanduser(os.fspath(weights)))
         recipe = model_recipe(preset, steps, **recipe_overrides)
         paths = LocalPaths(base, unet, weights, vae, adapter_file)
-        src = resolve_sources(recipe, entry, paths, files, half=dt != torch.float32, download=download,
-                              cache_dir=cache_dir)
         faces = FaceSettings(face_root, download, cache_dir, dev, files)
+        src = resolve_sources(recipe, entry, paths, files, half=dt != torch.float32, download=download,
+                              cache_dir=cache_dir, also=entry.adapter.face_needs(entry.preset, faces))
         components = load_components(recipe, entry, src, dtype=dt, device=dev, faces=faces)
         logger.info("loaded %s + %s (%s, %s) from %s", recipe.preset, entry.name, dt, dev, components.sources)
         return cls(components, recipe, entry, device=dev, dtype=dt, fuse_adapter_lora=fuse_adapter_lora,

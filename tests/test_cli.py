@@ -190,32 +190,35 @@ def test_embed_writes_a_face_file(env, monkeypatch):
 
 
 def test_face_pack_is_downloaded_only_when_allowed(tmp_path, monkeypatch):
-    from insightface.utils import storage
+    import zipfile
 
-    from fastface.models.loading import WeightFormatError
+    import fastface.hub as hub
     from fastface.face_files import open_face_analyzer
+    from fastface.models.loading import WeightFormatError
 
     calls = []
+    onnx_face_models.make_pack(tmp_path / "made", "buffalo_l")
 
-    def fake_download(sub_dir, name, force=False, root="~/.insightface"):
-        folder = Path(root) / sub_dir / name
-        if folder.exists() and not force:  # as insightface's own (FaceAnalysis calls it too)
-            return str(folder)
-        calls.append((sub_dir, name, root))
-        onnx_face_models.make_pack(root, name)
-        return str(folder)
+    def fake_download(url, dest):  # the release zip of insightface's URL, built from a tiny pack
+        calls.append(url)
+        with zipfile.ZipFile(dest, "w") as zf:
+            for f in (tmp_path / "made" / "models" / "buffalo_l").iterdir():
+                zf.write(f, f.name)
 
-    monkeypatch.setattr(storage, "download", fake_download)
+    monkeypatch.setattr(hub, "_download_url", fake_download)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    root = tmp_path / "root"
     with pytest.raises(WeightFormatError, match="not found"):
-        open_face_analyzer(tmp_path, "buffalo_l")
+        open_face_analyzer(root, "buffalo_l")
     assert calls == []
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(WeightFormatError, match="not found"):
-        open_face_analyzer(tmp_path, "buffalo_l", download=True)
+        open_face_analyzer(root, "buffalo_l", download=True)
+    assert not root.exists()  # nothing made
     monkeypatch.delenv("HF_HUB_OFFLINE")
-    analyzer = open_face_analyzer(tmp_path, "buffalo_l", download=True)
-    assert calls == [("models", "buffalo_l", str(tmp_path))] and analyzer.pack == "buffalo_l"
+    analyzer = open_face_analyzer(root, "buffalo_l", download=True)
+    assert calls == [hub.insightface_pack_url("buffalo_l")] and analyzer.pack == "buffalo_l"
+    assert sorted(p.name for p in (root / "models").iterdir()) == ["buffalo_l"]  # no zip, no temporary folder left
 
 
 # ----------------------------------------------------------------------------------------------------------------
