@@ -423,16 +423,3 @@ def run_batch_from_args(
                          call_options=call, settings=batch_settings(args, call, device, files), device=device,
                          overwrite=args.overwrite, progress=False if args.no_progress else None,
                          timeout_min=args.dist_timeout_min)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m fastface.batch ARGS`` is ``fastface generate ARGS`` (a module for ``torchrun -m``)."""
-    import sys
-
-    from fastface import cli
-
-    return cli.main(["generate", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

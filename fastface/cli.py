@@ -45,7 +45,7 @@ examples:
   fastface embed --face me.jpg -o me.safetensors    # then: fastface generate --face me.safetensors ...
   fastface generate --adapter NAME --adapter-option KEY=VALUE ...   # an adapter's options: see "adapter options"
   fastface generate --prompts-file prompts.txt --faces-dir people/ --out-dir out/ ...   # a batch, resumable
-  torchrun --nproc_per_node=8 -m fastface.batch --prompts-file ...  # the same batch over 8 GPUs
+  torchrun --nproc_per_node=8 -m fastface generate --prompts-file ...  # the same batch over 8 GPUs
   fastface doctor --preset hyper --adapter pulid --download   # every file a run needs, fetched in one go
   fastface selfcheck
 """
@@ -397,7 +397,8 @@ def _generate(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> int:
     planned = _outputs(ns.output, [seed + i for i in range(ns.num_images)])
     for path in planned:
         _check_writable(path)
-    _check_files(ns, entry, files)  # every missing file named at once (or fetched with --download)
+    if not getattr(ns, "selfcheck_weights", False):  # (tiny random weights are written on the fly)
+        _check_files(ns, entry, files)  # every missing file named at once (or fetched with --download)
     # The face first: a photo without a face fails before the generation weights are loaded.
     preparer = _preparer(ns, entry, files)
     face = _identity(ns, preparer)
@@ -501,9 +502,17 @@ def _run_needs(ns: argparse.Namespace, files: dict[str, Any], photos: bool, mode
 
     from fastface.components import LocalPaths
     from fastface.doctor import run_needs
-    from fastface.pipeline import _device, parse_dtype
+    from fastface.devices import default_device
+    from fastface.pipeline import parse_dtype
 
-    half = parse_dtype(ns.dtype, _device(getattr(ns, "device", None))) != torch.float32
+    # which files a run wants (fp16 or full precision) depends only on the device's kind; doctor may prepare files
+    # for a device this machine does not have, so the name is parsed, not checked for availability
+    device = getattr(ns, "device", None)
+    try:
+        kind = torch.device(device) if device is not None else default_device()
+    except (RuntimeError, TypeError) as exc:
+        raise CLIError(EXIT_USAGE, f"--device {device!r} is not a device name ({exc})") from None
+    half = parse_dtype(ns.dtype, kind) != torch.float32
     paths = LocalPaths(ns.base, ns.unet, ns.weights, ns.vae, ns.adapter_file)
     return run_needs(ns.preset, ns.adapter, steps=ns.steps, half=half, paths=paths, adapter_files=files,
                      face_root=ns.face_root, photos=photos, models=models)

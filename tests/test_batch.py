@@ -1,8 +1,8 @@
 """Batch generation (prompts file x identities folder) on tiny random weights: a 2-process torchrun (gloo, CPU)
 gives the single-process images bit for bit, a resumed run regenerates nothing, a half-finished run regenerates
 only what is missing; conflicting files are refused (or overwritten on request); the engine's pieces alone.
-``python -m fastface.batch ARGS`` and ``fastface generate ARGS`` (``cli.main``) are the same command: both are
-driven here."""
+``python -m fastface generate ARGS`` (what torchrun runs) and ``fastface generate ARGS`` (``cli.main``) are the
+same command: both are driven here."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from fastface import cli
-from fastface.batch import BatchTask, batch_mode, main, plan_batch
+from fastface.batch import BatchTask, batch_mode, plan_batch
 from fastface.eval.data import Identity, load_identities
 from fastface.jobs import (
     RankInfo,
@@ -35,6 +35,11 @@ from fastface.selfcheck import tiny_face
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["a photo of a person", "A person reading in a library", "oil painting; person on a boat"]
+
+
+def main(argv: list[str]) -> int:
+    """``fastface generate ARGS``, in process."""
+    return cli.main(["generate", *argv])
 
 
 def _data(root: Path) -> tuple[Path, Path]:
@@ -88,7 +93,7 @@ def test_torchrun_two_ranks_equal_single_process_and_resume_regenerates_nothing(
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-           "fastface.batch", *_args(prompts, faces, dist, "--summary", str(tmp_path / "dist.json"))]
+           "fastface", "generate", *_args(prompts, faces, dist, "--summary", str(tmp_path / "dist.json"))]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = _summary(tmp_path / "dist.json")
