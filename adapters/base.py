@@ -9,7 +9,8 @@ defaults), registered by name (:func:`fastface.adapters.registry.register`). The
   whose ``remove()`` restores the UNet exactly);
 * turns face inputs (photos, face files, precomputed embeddings) into an identity (:class:`FacePreparer`, so the
   CLI can check faces before any generation weight is loaded);
-* gives the identity tokens and the null identity DCG needs (:meth:`IdentityAdapter.tokens`);
+* gives the identity tokens and the null identity DCG needs (:meth:`IdentityAdapter.tokens`), and names the
+  modules that takes (:meth:`IdentityAdapter.offload_modules`, for offloading);
 * declares its call options as data (:class:`AdapterOption`: the CLI lists them and parses ``--adapter-option``),
   validates them (:meth:`IdentityAdapter.resolve_options`) and applies them for one call
   (:meth:`IdentityAdapter.configure`);
@@ -407,6 +408,13 @@ class IdentityAdapter(ABC):
     @abstractmethod
     def tokens(self, identity: Any, options: Mapping[str, Any], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(identity tokens [1, K, C], null identity tokens [1, K', C]) for the UNet; ``dtype``: the UNet's."""
+
+    def offload_modules(self) -> list[nn.Module]:
+        """The torch modules :meth:`prepare` and :meth:`tokens` run (face models loaded on first use count once
+        loaded): a pipeline with ``offload=True`` keeps them on the accelerator only while it prepares an identity.
+        Default: ``model`` when it is a module; an adapter with other modules (an image encoder, face models)
+        lists them all."""
+        return [self.model] if isinstance(self.model, nn.Module) else []
 
     def configure(self, handle: InstallHandle, options: Mapping[str, Any]) -> Callable[[], None]:
         """Apply a call's options to the installed adapter; returns what undoes the call-only part (default none)."""

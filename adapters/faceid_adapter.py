@@ -34,6 +34,7 @@ from fastface.hub import HubFile, HubFolder, check_ref
 from fastface.needs import faces_hint
 from fastface.models.clip_vision import CLIPVisionEncoder, clip_preprocess
 from fastface.models.loading import WeightFormatError
+from fastface.offload import module_device
 from fastface.steps import check_bool, check_number
 
 __all__ = ["FaceIDPreset", "FaceIDAdapter", "FaceIDPreparer", "FACEID_REPO", "CLIP_H_REPO", "IP_ADAPTER_REPO"]
@@ -168,6 +169,9 @@ class FaceIDAdapter(IdentityAdapter):
         """The insightface analyzer of the preset's pack (loaded on first use)."""
         return self.preparer.analyzer
 
+    def offload_modules(self) -> list[nn.Module]:
+        return [m for m in (self.model.projection, self.image_encoder) if m is not None]
+
     def configure(self, handle, options: Mapping[str, Any]):
         if options["lora_scale"] != self._lora_scale:
             handle.set_lora_scale(options["lora_scale"])
@@ -182,7 +186,7 @@ class FaceIDAdapter(IdentityAdapter):
             return None
         size = self.image_encoder.config.image_size
         pixels = clip_preprocess(list(face.crops), size=size, crop_size=size)
-        feats = self.image_encoder(pixels.to(self.device, self.dtype))  # [N, T, D]
+        feats = self.image_encoder(pixels.to(module_device(self.image_encoder), self.dtype))  # [N, T, D]
         return feats.mean(dim=0, keepdim=True)  # several photos: mean of their CLIP features
 
     @torch.no_grad()

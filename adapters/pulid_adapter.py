@@ -382,6 +382,11 @@ class PuLIDAdapter(IdentityAdapter):
     def install(self, unet: nn.Module, *, fuse: bool = True) -> InstallHandle:
         return self.model.install(unet, mode=self.preset.pulid_mode)
 
+    def offload_modules(self) -> list[nn.Module]:
+        pre = self.preparer.preprocessor  # the face models, once a photo loaded them
+        face = [] if pre is None else [m for m in (pre.bisenet, pre.eva, pre.detector) if m is not None]
+        return [self.model.encoder, *face]
+
     def configure(self, handle, options: Mapping[str, Any]):
         handle.set_mode(options["mode"])  # for this call only: the UNet is left as it was
         return lambda: handle.set_mode(self.preset.pulid_mode)

@@ -358,7 +358,8 @@ def pipeline_from_args(args: argparse.Namespace, device: str, files: Mapping[str
     return Pipeline.from_pretrained(
         args.preset, args.adapter, steps=args.steps, dtype=args.dtype, device=device, download=args.download,
         cache_dir=args.cache_dir, face_root=args.face_root, **{k: getattr(args, k) for k in MODEL_FIELDS},
-        **dict(files or {}),
+        compile=getattr(args, "compile", False), offload=getattr(args, "offload", False),
+        vae_tile=getattr(args, "vae_tile", None), **dict(files or {}),
     )
 
 

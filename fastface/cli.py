@@ -203,6 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", help="cuda, cuda:1, cpu, mps ... (default: cuda if available)")
     g.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), help="default fp16 on CUDA, fp32 elsewhere")
     g.add_argument("--batch-size", type=int, help="images per UNet batch (default: all at once)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the UNet (the first image compiles)")
+    g.add_argument("--offload", action="store_true", help="keep on the device only the part in use (less memory)")
+    g.add_argument("--vae-tile", type=int, metavar="LATENTS", help="decode in tiles of this many latents per side "
+                   "(0: never; default: tiles of 1024 px above 1024 px)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--verbose", "-v", action="store_true", help="log what is loaded from where")
     _add_weights(gen)
@@ -447,7 +451,8 @@ def _preparer(ns: argparse.Namespace, entry: Any, files: dict[str, Any]) -> Any:
     from fastface.adapters.base import FaceSettings
     from fastface.devices import resolve_device
 
-    faces = FaceSettings(ns.face_root, ns.download, ns.cache_dir, resolve_device(ns.device), files)
+    device = "cpu" if getattr(ns, "offload", False) else ns.device  # offload: face models wait on the CPU too
+    faces = FaceSettings(ns.face_root, ns.download, ns.cache_dir, resolve_device(device), files)
     return entry.adapter.face_preparer(entry.preset, faces)
 
 

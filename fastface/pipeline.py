@@ -38,6 +38,7 @@ from fastface.face_files import FaceInput
 from fastface.generation import METADATA_KEY, Generation, jsonable
 from fastface.models.vae import images_to_uint8
 from fastface.presets import DEFAULT_METHOD, ModelRecipe, get_model_preset, model_recipe, resolve_method
+from fastface.stages import check_vae_tile, decode_tile, stage, unet_caller
 from fastface.steps import check_scale
 
 logger = logging.getLogger(__name__)
@@ -72,7 +73,8 @@ class Pipeline:
     """
 
     def __init__(self, components: Components, recipe: ModelRecipe, adapter: AdapterEntry, *, device: torch.device,
-                 dtype: torch.dtype, fuse_adapter_lora: bool = True, custom_weights: bool = False) -> None:
+                 dtype: torch.dtype, fuse_adapter_lora: bool = True, custom_weights: bool = False,
+                 compile: bool | Mapping[str, Any] = False, offload: bool = False, vae_tile: int | None = None) -> None:
         self.components = components
         self.unet, self.text, self.vae = components.unet, components.text, components.vae
         self.identity_adapter = components.adapter
@@ -82,6 +84,8 @@ class Pipeline:
         self.device, self.dtype = device, dtype
         self._custom_weights = custom_weights
         self.adapter_handle = self.identity_adapter.install(self.unet, fuse=fuse_adapter_lora)
+        self.offload, self.vae_tile = bool(offload), check_vae_tile(vae_tile)
+        self.unet_call = unet_caller(self.unet, compile)  # the UNet, or its compiled module (hooks stay on the UNet)
 
     def __getattr__(self, name: str) -> Any:
         adapter = self.__dict__.get("identity_adapter")
@@ -107,6 +111,9 @@ class Pipeline:
         adapter_file: str | os.PathLike | None = None,
         face_root: str | os.PathLike | None = None,
         fuse_adapter_lora: bool = True,
+        compile: bool | Mapping[str, Any] = False,
+        offload: bool = False,
+        vae_tile: int | None = None,
         **recipe_overrides: Any,
     ) -> Pipeline:
         """Load a model preset (hyper, lightning, lcm, turbo, tcd) with a registered identity adapter (the names
@@ -120,12 +127,17 @@ class Pipeline:
         ``vae`` (folder, file or repo id), ``adapter_file``, ``face_root`` (insightface folder with
         ``models/<pack>``, default ``~/.insightface``; with ``download`` a missing pack is fetched from the
         insightface releases). ``fuse_adapter_lora`` precomputes an adapter LoRA into the weights (faster; a new
-        ``lora_scale`` re-fuses). ``recipe_overrides``: the adapter's load options (local files it uses, e.g.
+        ``lora_scale`` re-fuses). ``compile``: call the UNet through :func:`fastface.compile_unet` (True, or a dict of
+        :func:`torch.compile` arguments, e.g. ``{"backend": "aot_eager"}``). ``offload``: load everything on the CPU
+        and keep on ``device`` only the part in use (text encoders, the adapter's modules, UNet, VAE in turn).
+        ``vae_tile``: decode in tiles of this many latents per side (0: never); default tiles above 1024 px
+        (:mod:`fastface.stages`). ``recipe_overrides``: the adapter's load options (local files it uses, e.g.
         ``image_encoder``, ``eva``; see its ``options``) and model recipe fields (``sampler``, ``sampler_params``,
         ``spacing``, ``resolution``, ``guidance``, ``lora_scale``, ...).
         """
         dev = resolve_device(device)  # an unusable device fails here, before any file is opened
         dt = parse_dtype(dtype, dev)
+        check_vae_tile(vae_tile)
         entry = get_entry(adapter)
         mine = {k: o for o in entry.adapter.load_options() for k in o.keywords}
         files = {mine[k].name: mine[k].parse(v) for k, v in recipe_overrides.items() if k in mine and v is not None}
@@ -139,13 +151,14 @@ class Pipeline:
             recipe_overrides["weights"] = Path(os.path.expanduser(os.fspath(weights)))
         recipe = model_recipe(preset, steps, **recipe_overrides)
         paths = LocalPaths(base, unet, weights, vae, adapter_file)
-        faces = FaceSettings(face_root, download, cache_dir, dev, files)
+        home = torch.device("cpu") if offload else dev  # offload: every part waits on the CPU between its stages
+        faces = FaceSettings(face_root, download, cache_dir, home, files)
         src = resolve_sources(recipe, entry, paths, files, half=dt != torch.float32, download=download,
                               cache_dir=cache_dir, also=entry.adapter.face_needs(entry.preset, faces))
-        components = load_components(recipe, entry, src, dtype=dt, device=dev, faces=faces)
-        logger.info("loaded %s + %s (%s, %s) from %s", recipe.preset, entry.name, dt, dev, components.sources)
+        components = load_components(recipe, entry, src, dtype=dt, device=home, faces=faces)
+        logger.info("loaded %s + %s (%s, %s) from %s", recipe.preset, entry.name, dt, home, components.sources)
         return cls(components, recipe, entry, device=dev, dtype=dt, fuse_adapter_lora=fuse_adapter_lora,
-                   custom_weights=weights is not None)
+                   custom_weights=weights is not None, compile=compile, offload=offload, vae_tile=vae_tile)
 
     # -- identity -----------------------------------------------------------------------------------------------
 
@@ -238,51 +251,58 @@ class Pipeline:
         if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
 
-        person = self.identity(face)
-        tokens, null_id = self.identity_adapter.tokens(person, options, self.dtype)
+        with self._stage(self.identity_adapter.offload_modules):
+            person = self.identity(face)
+            tokens, null_id = (t.to(self.device) for t in self.identity_adapter.tokens(person, options, self.dtype))
         if negative_prompt is None and not self.text.force_zeros_for_empty_prompt:
             negative_prompt = ""
         null_text = None
-        if negative_prompt is not None:
-            neg = self.text.encode(prompts[0], negative_prompt)
-            null_text = {"context": neg.negative_context.to(self.dtype),
-                         "text_embeds": neg.negative_pooled.to(self.dtype)}
-        encoded = {p: self.text.encode(p, with_negative=False) for p in dict.fromkeys(prompts)}  # one at a time
+        with self._stage(lambda: [self.text.encoder_1, self.text.encoder_2]):
+            if negative_prompt is not None:
+                neg = self.text.encode(prompts[0], negative_prompt)
+                null_text = {"context": neg.negative_context.to(self.dtype),
+                             "text_embeds": neg.negative_pooled.to(self.dtype)}
+            encoded = {p: self.text.encode(p, with_negative=False) for p in dict.fromkeys(prompts)}  # one at a time
         undo = self.identity_adapter.configure(self.adapter_handle, options)
         adapter_settings = self.identity_adapter.metadata(person, options, tokens, self.adapter_handle)
 
         ts = torch.tensor(recipe.timesteps, dtype=torch.float32)
         seeds = [seed + i for i in range(len(prompts))]
-        latents, pixels = [], []
+        latents: list[torch.Tensor] = []
         try:  # call-only adapter settings are undone after the call: the UNet is left as it was
-            attached = fastface.attach(self.unet, dcg=dcg, am=am, null_id=null_id, null_text=null_text, timesteps=ts)
-            with attached as h:
+            with self._stage(lambda: self.unet), fastface.attach(
+                    self.unet, dcg=dcg, am=am, null_id=null_id, null_text=null_text, timesteps=ts) as h:
                 for start in range(0, len(prompts), batch):
                     idx = range(start, min(start + batch, len(prompts)))
                     ctx = torch.cat([encoded[prompts[i]].context for i in idx]).to(self.dtype)
                     pooled = torch.cat([encoded[prompts[i]].pooled for i in idx]).to(self.dtype)
                     n = len(idx)
-                    time_ids = self.text.time_ids((height, width), batch=n).to(self.dtype)
+                    time_ids = self.text.time_ids((height, width), batch=n).to(self.device, self.dtype)
                     id_tok = tokens.expand(n, -1, -1)
 
                     def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-                        return self.unet(x.to(self.dtype), t, ctx, text_embeds=pooled, time_ids=time_ids,
-                                         id_tokens=id_tok, id_scale=ip_scale)
+                        return self.unet_call(x.to(self.dtype), t, ctx, text_embeds=pooled, time_ids=time_ids,
+                                              id_tokens=id_tok, id_scale=ip_scale)
 
                     gens = [torch.Generator("cpu").manual_seed(seeds[i]) for i in idx]
                     shape = (1, self.unet.config.in_channels, height // factor, width // factor)
                     noise = torch.cat([torch.randn(shape, generator=g) for g in gens]).to(self.device)
                     x = recipe.sampler_fn(model, noise, ts, generator=gens, callback=callback, **recipe.params)
-                    latents.append(x.float().cpu())
-                    pixels.append(self.vae.decode(x).float().cpu())
+                    latents.append(x)
                 evaluations = h.branch_evaluations / max(1, -(-len(prompts) // batch))
         finally:
             undo()
-        pixels_t = torch.cat(pixels)
+        tile = decode_tile(height, width, factor, self.vae_tile)
+        with self._stage(lambda: self.vae):
+            pixels_t = torch.cat([self.vae.decode(x, tile=tile).float().cpu() for x in latents])
         images = [Image.fromarray(a.numpy()) for a in images_to_uint8(pixels_t)]
         settings = self._settings(recipe, method, method_options, dcg, am, person, negative_prompt, height, width,
-                                  ip_scale, adapter_settings)
-        return Generation(images, torch.cat(latents), pixels_t, seeds, prompts, settings, evaluations)
+                                  ip_scale, adapter_settings if tile is None else {**adapter_settings, "vae_tile": tile})
+        latents_t = torch.cat([x.float().cpu() for x in latents])
+        return Generation(images, latents_t, pixels_t, seeds, prompts, settings, evaluations)
+
+    def _stage(self, modules: Callable[[], Any]):  # with offload, modules() run on the device inside the block
+        return stage(modules, self.device, self.offload)
 
     def _settings(self, recipe, method, options, dcg, am, person, negative, height, width, ip, adapter) -> dict:
         n = recipe.steps
