@@ -10,7 +10,8 @@ FaceID-Plus-v2; the CLIP ViT-H/14 image encoder) or, with ``--tiny``, :func:`fas
 "ours" is :class:`fastface.Pipeline`; "official" is the official FastFace code's pipeline as
 :mod:`benchmarks.bench_pipeline` builds it (diffusers ``StableDiffusionXLPipeline``, ``load_ip_adapter``, one
 UNet call per step over the three-branch batch: 12 UNet evaluations per 4-step image, without AM, so its AM times
-are a lower bound). ``--compile`` adds our pipeline with its UNet compiled (``unet.compile()``).
+are a lower bound). ``--compile`` adds our pipeline with its UNet compiled (``compile=True``, i.e.
+``fastface.compile_unet``).
 
 Each side runs in its own subprocess (peak RSS = the kernel's VmHWM of that process): it loads, makes one warm-up
 image per method, then times one image per method. The sides alternate over ``--repeats`` rounds; the table shows
@@ -138,12 +139,12 @@ def write_weights(root: Path, tiny: bool, dtype: torch.dtype) -> dict[str, Path]
 # ------------------------------------------------------------------------------------------------ one side
 
 
-def load_ours(files: dict[str, Path], dtype: torch.dtype, device: str, steps: int):
+def load_ours(files: dict[str, Path], dtype: torch.dtype, device: str, steps: int, **kw):
     from fastface.pipeline import Pipeline
 
     return Pipeline.from_pretrained("hyper", "faceid-plusv2", steps=steps, base=files["base"], weights=files["lora"],
                                     adapter_file=files["adapter"], image_encoder=files["image_encoder"], dtype=dtype,
-                                    device=device)
+                                    device=device, **kw)
 
 
 def image_fn(side: str, files: dict[str, Path], args: argparse.Namespace, tiny: bool):
@@ -160,9 +161,7 @@ def image_fn(side: str, files: dict[str, Path], args: argparse.Namespace, tiny: 
             return reference_generate(pipe, vision, face, dcg, args.steps, args.size, 0), 3 * args.steps
 
         return run
-    pipe = load_ours(files, dtype, args.device, args.steps)
-    if side == "ours-compiled":
-        pipe.unet.compile()
+    pipe = load_ours(files, dtype, args.device, args.steps, compile=side == "ours-compiled")
 
     def run(method: str):
         gen = pipe(PROMPT, face=face, method=method, seed=0, height=args.size, width=args.size)

@@ -16,8 +16,8 @@ Sections, in order (each is timed and recorded; a failing section records its er
 4. ``offload``: peak VRAM per method with our pipeline's ``offload`` option (when the Pipeline has one).
 5. ``unet_compiled``: the UNet forward compiled (``torch.compile``, ``mode="reduce-overhead"``: CUDA graphs),
    ours vs diffusers.
-6. ``images_compiled``: our pipeline with its UNet compiled (``unet.compile()``), seconds per image for
-   fastface-am1 and am1 (each method's first image compiles for its branch sets).
+6. ``images_compiled``: our pipeline with its UNet compiled (``compile=``, i.e. ``fastface.compile_unet``), seconds
+   per image for fastface-am1 and am1 (each method's first image compiles for its branch sets).
 
 Writes ``gpu_run.json`` and ``gpu_run.md`` (one table per section) into ``--out``.
 """
@@ -201,8 +201,8 @@ def section_images_compiled(run: Run, files) -> dict:
 
         from benchmarks.bench_pipeline import PROMPT
 
-        pipe = load_ours(files, torch.float32 if run.dry else torch.float16, run.device, 4)
-        pipe.unet.compile(**run.pipeline_compile_kw)
+        pipe = load_ours(files, torch.float32 if run.dry else torch.float16, run.device, 4,
+                         compile=run.pipeline_compile_kw or True)
         face = tiny_face(crop_size=56 if run.dry else 224)
 
         def fn(method):

@@ -127,13 +127,12 @@ class Pipeline:
         ``vae`` (folder, file or repo id), ``adapter_file``, ``face_root`` (insightface folder with
         ``models/<pack>``, default ``~/.insightface``; with ``download`` a missing pack is fetched from the
         insightface releases). ``fuse_adapter_lora`` precomputes an adapter LoRA into the weights (faster; a new
-        ``lora_scale`` re-fuses). ``compile``: call the UNet through :func:`fastface.compile_unet` (True, or a dict of
-        :func:`torch.compile` arguments, e.g. ``{"backend": "aot_eager"}``). ``offload``: load everything on the CPU
-        and keep on ``device`` only the part in use (text encoders, the adapter's modules, UNet, VAE in turn).
-        ``vae_tile``: decode in tiles of this many latents per side (0: never); default tiles above 1024 px
-        (:mod:`fastface.stages`). ``recipe_overrides``: the adapter's load options (local files it uses, e.g.
-        ``image_encoder``, ``eva``; see its ``options``) and model recipe fields (``sampler``, ``sampler_params``,
-        ``spacing``, ``resolution``, ``guidance``, ``lora_scale``, ...).
+        ``lora_scale`` re-fuses). ``compile``: the UNet through :func:`fastface.compile_unet` (True, or a dict of
+        :func:`torch.compile` arguments); ``offload``: parts on the CPU, each on ``device`` only in use; ``vae_tile``:
+        decode tile in latents (0: never; default tiles above 1024 px); see :mod:`fastface.stages`.
+        ``recipe_overrides``: the adapter's load options (local files it uses, e.g. ``image_encoder``, ``eva``; see
+        its ``options``) and model recipe fields (``sampler``, ``sampler_params``, ``spacing``, ``resolution``,
+        ``guidance``, ``lora_scale``, ...).
         """
         dev = resolve_device(device)  # an unusable device fails here, before any file is opened
         dt = parse_dtype(dtype, dev)
@@ -296,8 +295,10 @@ class Pipeline:
         with self._stage(lambda: self.vae):
             pixels_t = torch.cat([self.vae.decode(x, tile=tile).float().cpu() for x in latents])
         images = [Image.fromarray(a.numpy()) for a in images_to_uint8(pixels_t)]
+        if tile is not None:
+            adapter_settings["vae_tile"] = tile  # recorded only when tiled: every untiled image's settings as before
         settings = self._settings(recipe, method, method_options, dcg, am, person, negative_prompt, height, width,
-                                  ip_scale, adapter_settings if tile is None else {**adapter_settings, "vae_tile": tile})
+                                  ip_scale, adapter_settings)
         latents_t = torch.cat([x.float().cpu() for x in latents])
         return Generation(images, latents_t, pixels_t, seeds, prompts, settings, evaluations)
 

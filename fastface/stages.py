@@ -3,7 +3,8 @@
 * ``offload``: every part is loaded on the CPU, and each stage of a call runs inside
   :func:`fastface.offload.on_device` on the pipeline's device: the text encoders for the prompts, the adapter's
   modules (:meth:`~fastface.adapters.base.IdentityAdapter.offload_modules`) for the identity, the UNet for
-  sampling, the VAE for decoding. Only the part in use holds accelerator memory.
+  sampling, the VAE for decoding. Only the part in use holds accelerator memory. Face models an adapter loads on
+  first use (PuLID's, for photos) load on the CPU and run there the first time, on the device from the next call.
 * ``compile``: the UNet is called through :func:`fastface.compile_unet` (True, or a mapping of
   :func:`torch.compile` keyword arguments); the FastFace hooks are still attached to the eager UNet.
 * VAE tiling: images larger than :data:`TILE_ABOVE_PX` on a side decode in tiles of that size
@@ -29,7 +30,9 @@ TILE_ABOVE_PX = 1024
 
 
 @contextmanager
-def stage(modules: Callable[[], nn.Module | Sequence[nn.Module]], device: torch.device, offload: bool) -> Iterator[None]:
+def stage(
+    modules: Callable[[], nn.Module | Sequence[nn.Module]], device: torch.device, offload: bool
+) -> Iterator[None]:
     """With ``offload``, the block runs with ``modules()`` (asked for on entry) on ``device``, and they go back to
     their CPU tensors after; without, nothing moves."""
     if not offload:

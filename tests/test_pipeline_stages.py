@@ -152,7 +152,8 @@ def test_at_or_below_the_threshold_the_decode_is_unchanged(tiny, monkeypatch) ->
     pipe, face = _load(tiny, "faceid-plusv2")
     tiles = []
     decode = type(pipe.vae).decode
-    monkeypatch.setattr(type(pipe.vae), "decode", lambda self, x, tile=None: tiles.append(tile) or decode(self, x, tile))
+    monkeypatch.setattr(type(pipe.vae), "decode",
+                        lambda self, x, tile=None: tiles.append(tile) or decode(self, x, tile))
     out = pipe(PROMPT, face=face, method="baseline", seed=1, height=64, width=64)
     assert tiles == [None] and "vae_tile" not in out.settings
     monkeypatch.undo()
@@ -170,3 +171,49 @@ def test_forced_vae_tile(tiny) -> None:
     for bad in (-1, 2.5, True, "128"):
         with pytest.raises(ValueError, match="vae_tile must be"):
             _load(tiny, "faceid-plusv2", vae_tile=bad)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the CLI flags
+
+
+def test_cli_flags_reach_the_pipeline(tiny, tmp_path, monkeypatch) -> None:
+    """``fastface generate --offload --vae-tile 4 --compile``: from_pretrained gets them, the image is the library's
+    (same seed, vae_tile=4, offload; compiled there with inductor, so not compiled here), and the PNG's settings and
+    reproduce command carry them."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    import fastface.cli
+    from fastface.face_files import save_face_file
+    from fastface.generation import METADATA_KEY
+    from fastface.selfcheck import tiny_face
+
+    seen = {}
+    load = Pipeline.from_pretrained.__func__
+
+    def spy(cls, *args, **kw):
+        seen.update(kw)
+        kw["compile"] = False  # recorded; compiling is test_pipeline_compile.py's
+        return load(cls, *args, **kw)
+
+    monkeypatch.setattr(Pipeline, "from_pretrained", classmethod(spy))
+    face = save_face_file(tmp_path / "me.safetensors", tiny_face())
+    out = tmp_path / "img.png"
+    args = ["generate", "-p", PROMPT, "--preset", "hyper", "--adapter", "faceid-plusv2", "--face", str(face),
+            "--base", str(tiny.base), "--weights", str(tiny.lora), "--adapter-file", str(tiny.adapter),
+            "--image-encoder", str(tiny.image_encoder), "--seed", "3", "--method", "fastface-am1", "--height", "64",
+            "--width", "64", "--device", "cpu", "--dtype", "fp32", "--no-progress", "--offload", "--vae-tile", "4",
+            "--compile", "-o", str(out)]
+    assert fastface.cli.main(args) == 0
+    assert (seen["offload"], seen["vae_tile"], seen["compile"]) == (True, 4, True)
+    monkeypatch.undo()
+    pipe, _ = _load(tiny, "faceid-plusv2", vae_tile=4, offload=True)
+    ref = pipe(PROMPT, face=tiny_face(), method="fastface-am1", seed=3, height=64, width=64)
+    with Image.open(out) as im:
+        meta = json.loads(im.text[METADATA_KEY])
+        assert np.array_equal(np.asarray(im), np.asarray(ref.images[0]))
+    assert meta["vae_tile"] == 4
+    assert all(w in meta["command"].split() for w in ("--offload", "--compile", "--vae-tile"))
