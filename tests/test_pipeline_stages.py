@@ -105,8 +105,10 @@ def test_adapters_name_their_modules(tiny) -> None:
     assert pulid.identity_adapter.offload_modules() == [pulid.adapter.encoder]  # no face models loaded (face file)
 
 
-def test_offload_loads_on_the_cpu(tiny) -> None:
-    """Loading touches no accelerator: every part waits on the CPU (the device is used by calls only)."""
+def test_offload_loads_on_the_cpu(tiny, monkeypatch) -> None:
+    """Loading touches no accelerator: every part waits on the CPU (the device is used by calls only). The device
+    check is bypassed so that a CPU-only machine can ask for CUDA: any tensor sent there would fail."""
+    monkeypatch.setattr("fastface.pipeline.resolve_device", torch.device)
     pipe, _ = _load(tiny, "faceid-plusv2", offload=True, device="cuda")
     assert pipe.device == torch.device("cuda")
     parts = [pipe.unet, pipe.vae, pipe.text.encoder_1, pipe.text.encoder_2, *pipe.identity_adapter.offload_modules()]
