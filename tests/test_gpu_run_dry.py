@@ -23,7 +23,7 @@ def test_dry_run_runs_every_section(tmp_path):
     assert images["ours"]["fastface-am1"]["evals"] == 10 and images["official"]["fastface-am1"]["evals"] == 12
     assert set(images["ratio_ours_over_official"]) == {"baseline", "fastface-am1"}
     assert sections["images_compiled"]["result"]["baseline"]["seconds"]["min"] > 0
-    assert "skipped" in sections["offload"] or "baseline" in sections["offload"]["result"]
+    assert sections["offload"]["result"]["baseline"]["seconds"]["min"] > 0  # Pipeline.from_pretrained(offload=True)
     md = (tmp_path / "gpu_run.md").read_text()
     assert all(f"## {name}" in md for name in sections)
     assert set(METHODS) >= {"baseline", "am1", "fastface-am1"}
