@@ -1,8 +1,8 @@
 """End-to-end benchmark (run by hand): time per image and peak memory, ours vs the official-equivalent pipeline.
 
-    python benchmarks/bench_e2e.py --tiny                           # quick check on tiny weights (seconds)
-    python benchmarks/bench_e2e.py --threads 2 --size 256           # real SDXL shapes, random weights (heavy)
-    python benchmarks/bench_e2e.py --compile --methods baseline,am1,fastface-am1 --out e2e.json
+    python -m benchmarks.bench_e2e --tiny                           # quick check on tiny weights (seconds)
+    python -m benchmarks.bench_e2e --threads 2 --size 256           # real SDXL shapes, random weights (heavy)
+    python -m benchmarks.bench_e2e --compile --methods baseline,am1,fastface-am1 --out e2e.json
 
 Both sides load the same files, written here with random weights in the real layouts and at the real SDXL shapes
 (a diffusers SDXL folder with both text encoders, UNet and VAE; a Hyper-style kohya LoRA; IP-Adapter

@@ -1,7 +1,7 @@
 """IP-Adapter FaceID benchmark (run by hand): cost of the identity branch and its LoRA vs a plain UNet forward.
 
-    python benchmarks/bench_ip_adapter.py --device cuda --dtype fp16 --latent 128 --batch 3   # real 1024² shapes
-    python benchmarks/bench_ip_adapter.py --config tiny --latent 16                           # quick smoke run
+    python -m benchmarks.bench_ip_adapter --device cuda --dtype fp16 --latent 128 --batch 3   # real 1024² shapes
+    python -m benchmarks.bench_ip_adapter --config tiny --latent 16                           # quick smoke run
 
 Random weights at the config's real shapes (SDXL by default: 140 attention layers, LoRA rank 128). Times, as the
 median of repeats on the same inputs after a warm-up per mode, (a) the UNet alone, (b) + identity branch (to_k_ip/to_v_ip and
@@ -9,7 +9,7 @@ the explicit 4-token attention in every attn2), (c) + the rank-128 LoRA on q/k/v
 (the exact reference computation), (d) the same with the LoRA fused. Prints each overhead as a fraction of (a),
 after the FLOP overheads counted exactly (torch FlopCounterMode) on the meta device, which runs on any machine:
 
-    python benchmarks/bench_ip_adapter.py --flops-only
+    python -m benchmarks.bench_ip_adapter --flops-only
 """
 
 from __future__ import annotations

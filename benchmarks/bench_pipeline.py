@@ -1,7 +1,7 @@
 """Pipeline benchmark (run by hand): time and UNet evaluations per image for each method, ours vs diffusers.
 
-    python benchmarks/bench_pipeline.py                                   # tiny random weights, CPU smoke run
-    python benchmarks/bench_pipeline.py --weights hub --device cuda --dtype fp16 --size 1024   # real weights
+    python -m benchmarks.bench_pipeline                                   # tiny random weights, CPU smoke run
+    python -m benchmarks.bench_pipeline --weights hub --device cuda --dtype fp16 --size 1024   # real weights
 
 The reference is the same pipeline in diffusers as the official FastFace code runs it (fastface-official.md
 Sec. 1 and 3): ``StableDiffusionXLPipeline`` parts, the Hyper LoRA fused, ``load_ip_adapter`` for FaceID-Plus-v2,

@@ -1,9 +1,9 @@
 """PuLID benchmark (run by hand): full-size files load, and the cost of the identity branch per UNet call.
 
-    python benchmarks/bench_pulid.py                  # writes random full-size pulid_v1.bin / pulid_v1.1.safetensors
+    python -m benchmarks.bench_pulid                  # writes random full-size pulid_v1.bin / pulid_v1.1.safetensors
                                                       # to a temp folder (~2.6 GB), loads them, counts FLOPs on meta
-    python benchmarks/bench_pulid.py --flops-only     # meta device only (no files, no memory)
-    python benchmarks/bench_pulid.py --device cuda --dtype fp16   # + wall-clock UNet timings at 1024x768
+    python -m benchmarks.bench_pulid --flops-only     # meta device only (no files, no memory)
+    python -m benchmarks.bench_pulid --device cuda --dtype fp16   # + wall-clock UNet timings at 1024x768
 
 (1) Random weights at the released shapes (SDXL: IDEncoder / IDFormer + 70 ``id_to_k``/``id_to_v`` pairs) are saved in
 the released layouts (v1: flat torch pickle, fp32; v1.1: safetensors, fp16), their parameter counts are checked against

@@ -1,6 +1,6 @@
 """Speed of SDXL prompt encoding and VAE decoding: fastface vs transformers/diffusers, real shapes, random weights.
 
-Run by hand:  python benchmarks/bench_text_vae.py [--device cuda] [--dtype fp16] [--size 1024] [--batch 1]
+Run by hand:  python -m benchmarks.bench_text_vae [--device cuda] [--dtype fp16] [--size 1024] [--batch 1]
 Both sides use the very same weight tensors (ours are assigned from the reference modules' state dicts).
 Prints median times and the ratio ours/reference (< 1 means fastface is faster).
 """

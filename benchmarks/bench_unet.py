@@ -1,8 +1,8 @@
 """UNet benchmark (run by hand): parity and speed vs diffusers at real SDXL shapes, and load time / peak memory.
 
-    python benchmarks/bench_unet.py                      # parity + speed at a 32x32 latent, then the load test
-    python benchmarks/bench_unet.py --config tiny --skip-load   # quick smoke run
-    python benchmarks/bench_unet.py --skip-speed --load-file /path/unet_folder_or_file
+    python -m benchmarks.bench_unet                      # parity + speed at a 32x32 latent, then the load test
+    python -m benchmarks.bench_unet --config tiny --skip-load   # quick smoke run
+    python -m benchmarks.bench_unet --skip-speed --load-file /path/unet_folder_or_file
 
 Prints (a) the relative max error max|ours - ref| / max|ref| against diffusers' UNet2DConditionModel, same random
 weights; (b) forward time ours / diffusers (same weights, threads and process; median of interleaved repeats);

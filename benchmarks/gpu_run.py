@@ -1,8 +1,8 @@
 """The GPU run: parity, UNet speed, image speed and memory at the real SDXL shapes, no download needed.
 
     pip install torch==2.13.0 && pip install -e ".[test]"     # diffusers/transformers/peft: the reference side
-    python benchmarks/gpu_run.py --out gpu_results            # one H100/H200-class GPU, ~5-8 min
-    python benchmarks/gpu_run.py --dry-run --out /tmp/dry     # CPU, tiny configs, the same code paths (CI)
+    python -m benchmarks.gpu_run --out gpu_results            # one H100/H200-class GPU, ~5-8 min
+    python -m benchmarks.gpu_run --dry-run --out /tmp/dry     # CPU, tiny configs, the same code paths (CI)
 
 Random weights at the real shapes stand in for the released ones (speed and memory do not depend on the values).
 Sections, in order (each is timed and recorded; a failing section records its error and the run goes on; once
