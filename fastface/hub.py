@@ -30,9 +30,10 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from fastface.models.loading import WeightFormatError
 
@@ -391,21 +392,28 @@ def resolve_file(
     return _hub_file(HubFile(text, filename, subfolder, revision), cache_dir, download)
 
 
+def _try_download(download: bool, fetch: Callable[[], Any]) -> tuple[Any, str | None]:
+    """``(fetch(), None)`` when a download may be tried and succeeds; ``(None, why not)`` otherwise (network, auth
+    or a missing entry all become that one reason)."""
+    reason = download_blocker(download)
+    if not download or reason is not None:
+        return None, reason
+    try:
+        return fetch(), None
+    except Exception as exc:
+        return None, f"The download failed: {type(exc).__name__}: {exc}"
+
+
 def _hub_file(ref: HubFile, cache_dir: str | os.PathLike | None, download: bool) -> Path:
     rel = ref.path_in_repo
     found = find_in_cache(ref.repo_id, rel, ref.revision, cache_dir)
     if found is not None:
         return found
-    reason = download_blocker(download)
-    if download and reason is None:
-        try:
-            got = download_hub_file(ref, cache_dir)
-        except Exception as exc:  # network, auth, missing entry: all become one clear error
-            reason = f"The download failed: {type(exc).__name__}: {exc}"
-        else:
-            if Path(got).is_file():
-                return Path(got)
-            reason = f"The download returned {got}, which is not a file."
+    got, reason = _try_download(download, lambda: download_hub_file(ref, cache_dir))
+    if got is not None:
+        if Path(got).is_file():
+            return Path(got)
+        reason = f"The download returned {got}, which is not a file."
     repo_dir = repo_cache_folder(ref.repo_id, cache_dir)
     snaps = _all_snapshots(repo_dir)
     broken = [str(s / rel) for s in snaps if _broken(s, rel)]
@@ -461,17 +469,12 @@ def _hub_folder(ref: HubFolder, cache_dir: str | os.PathLike | None, download: b
     snap = find_snapshot(ref.repo_id, ref.revision, need, cache_dir)
     if snap is not None:
         return snap / ref.subfolder if ref.subfolder else snap
-    reason = download_blocker(download)
-    if download and reason is None:
-        try:
-            got = download_hub_folder(ref, cache_dir)
-        except Exception as exc:  # network, auth, missing repo: all become one clear error
-            reason = f"The download failed: {type(exc).__name__}: {exc}"
-        else:
-            lacking = [r for r in need if not _present(got, r)]
-            if got.is_dir() and not lacking:
-                return got / ref.subfolder if ref.subfolder else got
-            reason = f"The downloaded snapshot {got} lacks {lacking} (check allow_patterns {ref.allow_patterns})."
+    got, reason = _try_download(download, lambda: download_hub_folder(ref, cache_dir))
+    if got is not None:
+        lacking = [r for r in need if not _present(got, r)]
+        if got.is_dir() and not lacking:
+            return got / ref.subfolder if ref.subfolder else got
+        reason = f"The downloaded snapshot {got} lacks {lacking} (check allow_patterns {ref.allow_patterns})."
     what = f"folder '{ref.subfolder or '.'}'" + (f" with {list(ref.required)}" if ref.required else "")
     command = download_command(
         ref.repo_id, include=ref.allow_patterns or None, revision=ref.revision, cache_dir=cache_dir
