@@ -181,25 +181,24 @@ class Upsample(nn.Module):
         return self.conv(x)
 
 
+def _transformers(n: int, cout: int, heads: int, depth: int, cfg: UNetConfig) -> nn.ModuleList | None:
+    """The ``n`` transformers of a level (None for a level without attention, ``depth`` 0)."""
+    if depth == 0:
+        return None
+    return nn.ModuleList([Transformer2DModel(cout, heads, depth, cfg.context_dim, cfg.norm_groups) for _ in range(n)])
+
+
 class DownBlock(nn.Module):
     """One down level: L resblocks (each optionally followed by a spatial transformer), then a downsampler."""
 
     def __init__(self, cin: int, cout: int, cfg: UNetConfig, depth: int, heads: int, downsample: bool) -> None:
         super().__init__()
         n = cfg.layers_per_block
-        if depth > 0:
-            self.attentions = nn.ModuleList(
-                [Transformer2DModel(cout, heads, depth, cfg.context_dim, cfg.norm_groups) for _ in range(n)]
-            )
-        else:
-            self.register_module("attentions", None)
+        self.register_module("attentions", _transformers(n, cout, heads, depth, cfg))
         self.resnets = nn.ModuleList(
             [ResnetBlock(cin if i == 0 else cout, cout, cfg.time_embed_dim, cfg.norm_groups) for i in range(n)]
         )
-        if downsample:
-            self.downsamplers = nn.ModuleList([Downsample(cout)])
-        else:
-            self.register_module("downsamplers", None)
+        self.register_module("downsamplers", nn.ModuleList([Downsample(cout)]) if downsample else None)
 
     def forward(
         self,
@@ -229,12 +228,7 @@ class UpBlock(nn.Module):
     ) -> None:
         super().__init__()
         n = cfg.layers_per_block + 1
-        if depth > 0:
-            self.attentions = nn.ModuleList(
-                [Transformer2DModel(cout, heads, depth, cfg.context_dim, cfg.norm_groups) for _ in range(n)]
-            )
-        else:
-            self.register_module("attentions", None)
+        self.register_module("attentions", _transformers(n, cout, heads, depth, cfg))
         # resnet i sees the previous output (prev for i=0) plus a skip (skip_in for the last one, cout otherwise)
         self.resnets = nn.ModuleList(
             [
@@ -247,10 +241,7 @@ class UpBlock(nn.Module):
                 for i in range(n)
             ]
         )
-        if upsample:
-            self.upsamplers = nn.ModuleList([Upsample(cout)])
-        else:
-            self.register_module("upsamplers", None)
+        self.register_module("upsamplers", nn.ModuleList([Upsample(cout)]) if upsample else None)
 
     def forward(
         self,
