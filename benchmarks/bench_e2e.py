@@ -87,7 +87,10 @@ def write_sdxl_random_weights(root: Path, dtype: torch.dtype = torch.float32, se
     from fastface.models.tokenizer import EOS_TOKEN, write_vocab_folder
     from fastface.models.unet import UNet, get_unet_config
     from fastface.models.vae import VAE_CONFIGS, AutoencoderKL
-    from fastface.selfcheck import _ip_adapter, _json, _kohya_lora, _save, _text_config_json, _vae_config_json
+    from fastface.adapters.faceid_adapter import _ip_adapter_weights as _ip_adapter
+    from fastface.selfcheck import _kohya_lora, _text_config_json, _vae_config_json
+    from fastface.tiny import save_safetensors as _save
+    from fastface.tiny import write_json as _json
 
     gen = torch.Generator().manual_seed(seed)
     base = root / "sdxl-random"
