@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fastface.steps import Coef, StepSchedule, check_coefficient, check_step, check_steps
+from fastface.steps import Coef, StepSchedule, check_coefficient, check_step, check_steps, named
 
 logger = logging.getLogger(__name__)
 
@@ -330,7 +330,4 @@ AM_CONFIGS: dict[str, AM1Config | AM2Config] = {
 
 def get_am_config(name: str) -> AM1Config | AM2Config:
     """A named AM config from :data:`AM_CONFIGS`."""
-    try:
-        return AM_CONFIGS[name]
-    except KeyError:
-        raise ValueError(f"unknown AM config {name!r}; known: {sorted(AM_CONFIGS)}") from None
+    return named(AM_CONFIGS, name, "AM config")

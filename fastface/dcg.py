@@ -33,6 +33,7 @@ from fastface.steps import (
     constant_schedule,
     custom_schedule,
     first_step_schedule,
+    named,
     paper_schedule,
 )
 
@@ -336,7 +337,4 @@ DCG_CONFIGS: dict[str, DCGConfig] = {
 
 def get_dcg_config(name: str) -> DCGConfig:
     """A named DCG config from :data:`DCG_CONFIGS`."""
-    try:
-        return DCG_CONFIGS[name]
-    except KeyError:
-        raise ValueError(f"unknown DCG config {name!r}; known: {sorted(DCG_CONFIGS)}") from None
+    return named(DCG_CONFIGS, name, "DCG config")

@@ -8,10 +8,13 @@ validates numbers the same way and with the same words.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 # A per-step coefficient: a host number, or a tensor (device tables of a step plan, per-sample values).
 Coef = float | torch.Tensor
@@ -24,6 +27,7 @@ __all__ = [
     "check_choice",
     "check_scale",
     "known",
+    "named",
     "check_coefficient",
     "check_steps",
     "check_step",
@@ -89,6 +93,17 @@ def check_choice(name: str, value: object, choices) -> str:
     if value not in choices:
         raise ValueError(f"unknown {name} {value!r}; {known(name + 's', choices)}")
     return value  # type: ignore[return-value]
+
+
+def named(registry: Mapping[str, T], name: object, kind: str, passthrough: type | None = None) -> T:
+    """``registry[name]`` (a named config); an instance of ``passthrough`` is returned as given. ValueError
+    ``unknown <kind> 'name'; known: [...]`` otherwise."""
+    if passthrough is not None and isinstance(name, passthrough):
+        return name  # type: ignore[return-value]
+    try:
+        return registry[name]  # type: ignore[index]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown {kind} {name!r}; known: {sorted(registry)}") from None
 
 
 def check_scale(name: str, value: object) -> float:

@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from fastface.steps import named
+
 from .loading import StateDict, WeightFormatError, assign_state_dict, find_weight_file, read_weight_files, read_weights
 
 logger = logging.getLogger(__name__)
@@ -108,11 +110,7 @@ CLIP_VISION_CONFIGS: dict[str, CLIPVisionConfig] = {
 
 def get_clip_vision_config(name: str | CLIPVisionConfig) -> CLIPVisionConfig:
     """Look up a named config (``"vit-h-14"``, ``"tiny"``) or pass a config through."""
-    if isinstance(name, CLIPVisionConfig):
-        return name
-    if name not in CLIP_VISION_CONFIGS:
-        raise ValueError(f"unknown CLIP vision config {name!r}; known: {sorted(CLIP_VISION_CONFIGS)}")
-    return CLIP_VISION_CONFIGS[name]
+    return named(CLIP_VISION_CONFIGS, name, "CLIP vision config", CLIPVisionConfig)
 
 
 class _Embeddings(nn.Module):

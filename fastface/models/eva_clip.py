@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastface.steps import named
+
 from .loading import StateDict, WeightFormatError, assign_state_dict, read_weights
 
 logger = logging.getLogger(__name__)
@@ -99,11 +101,7 @@ EVA_VISION_CONFIGS: dict[str, EVAVisionConfig] = {
 
 def get_eva_vision_config(name: str | EVAVisionConfig) -> EVAVisionConfig:
     """A named config (``"eva02-l-14-336"``, ``"tiny"``) or a config passed through."""
-    if isinstance(name, EVAVisionConfig):
-        return name
-    if name not in EVA_VISION_CONFIGS:
-        raise ValueError(f"unknown EVA vision config {name!r}; known: {sorted(EVA_VISION_CONFIGS)}")
-    return EVA_VISION_CONFIGS[name]
+    return named(EVA_VISION_CONFIGS, name, "EVA vision config", EVAVisionConfig)
 
 
 def rope_tables(

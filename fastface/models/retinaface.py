@@ -44,6 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastface.steps import named
+
 from .loading import StateDict, WeightFormatError, assign_state_dict, read_weights
 
 logger = logging.getLogger(__name__)
@@ -95,11 +97,7 @@ RETINAFACE_CONFIGS: dict[str, RetinaFaceConfig] = {
 
 
 def get_retinaface_config(name: str | RetinaFaceConfig) -> RetinaFaceConfig:
-    if isinstance(name, RetinaFaceConfig):
-        return name
-    if name not in RETINAFACE_CONFIGS:
-        raise ValueError(f"unknown RetinaFace config {name!r}; known: {sorted(RETINAFACE_CONFIGS)}")
-    return RETINAFACE_CONFIGS[name]
+    return named(RETINAFACE_CONFIGS, name, "RetinaFace config", RetinaFaceConfig)
 
 
 # ----------------------------------------------------------------------------------------------------------------

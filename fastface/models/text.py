@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastface.steps import named
+
 from .tokenizer import CLIPTokenizer
 from .loading import StateDict, WeightFormatError, assign_state_dict, find_weight_file, read_weight_files, read_weights
 
@@ -58,12 +60,7 @@ TEXT_CONFIGS: dict[str, CLIPTextConfig] = {
 
 def text_config(name_or_config: str | CLIPTextConfig) -> CLIPTextConfig:
     """A config from the registry by name (``clip-l``, ``bigg``, ``tiny-clip-l``, ``tiny-bigg``), or as given."""
-    if isinstance(name_or_config, CLIPTextConfig):
-        return name_or_config
-    try:
-        return TEXT_CONFIGS[name_or_config]
-    except KeyError:
-        raise ValueError(f"unknown text encoder config {name_or_config!r}; known: {sorted(TEXT_CONFIGS)}") from None
+    return named(TEXT_CONFIGS, name_or_config, "text encoder config", CLIPTextConfig)
 
 
 class TextEncoderOutput(NamedTuple):

@@ -10,6 +10,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+from fastface.steps import named
+
 __all__ = [
     "SDXL_DOWN_BLOCKS",
     "SDXL_UP_BLOCKS",
@@ -123,10 +125,7 @@ UNET_CONFIGS: dict[str, UNetConfig] = {
 
 def get_unet_config(name: str) -> UNetConfig:
     """The registered UNet config called ``name`` ("sdxl", "tiny")."""
-    try:
-        return UNET_CONFIGS[name]
-    except KeyError:
-        raise ValueError(f"unknown UNet config {name!r}; known: {sorted(UNET_CONFIGS)}") from None
+    return named(UNET_CONFIGS, name, "UNet config")
 
 
 # diffusers config entries that must hold these values (missing entries take diffusers' defaults, given second).

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastface.steps import named
+
 from .vae_tiling import tiled_decode
 
 logger = logging.getLogger(__name__)
@@ -50,12 +52,7 @@ VAE_CONFIGS: dict[str, VAEConfig] = {
 
 def vae_config(name_or_config: str | VAEConfig) -> VAEConfig:
     """A config from the registry by name (``sdxl``, ``sdxl-fp16-fix``, ``tiny``), or as given."""
-    if isinstance(name_or_config, VAEConfig):
-        return name_or_config
-    try:
-        return VAE_CONFIGS[name_or_config]
-    except KeyError:
-        raise ValueError(f"unknown VAE config {name_or_config!r}; known: {sorted(VAE_CONFIGS)}") from None
+    return named(VAE_CONFIGS, name_or_config, "VAE config", VAEConfig)
 
 
 class ResnetBlock(nn.Module):
