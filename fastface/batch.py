@@ -64,7 +64,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "FACE_EXTENSIONS", "BatchTask", "BatchResult", "BatchConflictError", "plan_batch", "run_batch",
     "add_batch_arguments", "is_batch", "batch_mode", "run_batch_from_args", "pipeline_from_args", "format_summary",
-    "print_summary", "write_summary",
+    "write_summary",
 ]
 
 FACE_EXTENSIONS = (*IMAGE_EXTENSIONS, ".npy", ".safetensors")  # photos and face files
@@ -271,19 +271,6 @@ def write_summary(result: BatchResult, path: str | os.PathLike) -> Path:
     data = {"ranks": [as_dict(s) for s in result.ranks or [result.mine]],
             "total": as_dict(result.total or result.mine)}
     return atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1), encoding="utf-8"))
-
-
-def print_summary(result: BatchResult, summary: str | os.PathLike | None = None) -> None:
-    """Rank 0: the per-rank and total lines on stdout (and the JSON of :func:`write_summary` in ``summary``);
-    other ranks: their own line on stderr."""
-    import sys
-
-    if result.ranks is None:
-        print(format_summary(result), file=sys.stderr, flush=True)
-        return
-    print(format_summary(result), flush=True)
-    if summary:
-        write_summary(result, summary)
 
 
 # ---- command line -------------------------------------------------------------------------------------------

@@ -46,7 +46,7 @@ examples:
   fastface generate --adapter NAME --adapter-option KEY=VALUE ...   # an adapter's options: see "adapter options"
   fastface generate --prompts-file prompts.txt --faces-dir people/ --out-dir out/ ...   # a batch, resumable
   torchrun --nproc_per_node=8 -m fastface generate --prompts-file ...  # the same batch over 8 GPUs
-  fastface doctor --preset hyper --adapter pulid --download   # every file a run needs, fetched in one go
+  fastface doctor --preset hyper --adapter faceid-plusv2 --download   # every file a run needs, in one go
   fastface selfcheck
 """
 
@@ -438,11 +438,11 @@ def _generate(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> int:
 def _batch(ns: argparse.Namespace, options: dict[str, Any], sampler_params: dict[str, Any] | None,
            adapter_options: dict[str, Any], files: dict[str, Any]) -> int:
     """``fastface generate --prompts-file ... --faces-dir ... --out-dir ...``: :mod:`fastface.batch`."""
-    from fastface.batch import print_summary, run_batch_from_args
+    from fastface.batch import run_batch_from_args
 
     result = run_batch_from_args(ns, method_options=options, sampler_params=sampler_params,
                                  adapter_options=adapter_options, adapter_files=files)
-    print_summary(result, ns.summary)
+    _print_summary(result, ns.summary)
     return EXIT_FACE if result.failed else EXIT_OK
 
 
@@ -602,6 +602,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(EXIT_USAGE, str(exc))
     except KeyboardInterrupt:
         return _fail(130, "interrupted (images already written are kept; a batch resumes when run again)")
+
+
+def _print_summary(result: Any, summary: str | os.PathLike | None = None) -> None:
+    """Rank 0: the per-rank and total lines on stdout (and the JSON of :func:`write_summary` in ``summary``);
+    other ranks: their own line on stderr."""
+    from fastface.batch import format_summary, write_summary
+
+    if result.ranks is None:
+        print(format_summary(result), file=sys.stderr, flush=True)
+        return
+    print(format_summary(result), flush=True)
+    if summary:
+        write_summary(result, summary)
 
 
 def _fail(code: int, message: str) -> int:
