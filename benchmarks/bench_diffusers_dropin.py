@@ -16,7 +16,6 @@ ratio of medians (reference / drop-in: above 1 means the drop-in is faster).
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import tempfile
 import time
@@ -24,7 +23,7 @@ import time
 import numpy as np
 import torch
 
-from benchmarks.bench_pipeline import PROMPT, _files, _sync, _time, reference, reference_generate
+from benchmarks.bench_pipeline import DTYPES, PROMPT, _files, _sync, _time, common_arguments, reference, reference_generate
 from fastface.integrations.diffusers import enable
 from fastface.models.clip_vision import clip_preprocess
 from fastface.presets import METHOD_PRESETS, resolve_method
@@ -64,16 +63,10 @@ def _logged(fn, device: str, log: list[float]):
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--weights", choices=("tiny", "hub"), default="tiny")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
-    ap.add_argument("--size", type=int, default=64, help="image size in px (1024 for real SDXL)")
-    ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap = common_arguments(__doc__.split("\n")[0], repeats=5)
     ap.add_argument("--methods", nargs="*", default=list(METHOD_PRESETS))
     args = ap.parse_args(argv)
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    dtype = DTYPES[args.dtype]
     face = tiny_face(crop_size=56 if args.weights == "tiny" else 224)
     with tempfile.TemporaryDirectory() as tmp:
         pipe, vision = reference(_files(args, tmp), dtype, args.device)

@@ -127,16 +127,24 @@ def _time(fns, device: str, repeats: int) -> list[tuple[float, object]]:
     return [(statistics.median(t), o) for t, o in zip(times, outs)]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def common_arguments(description: str, repeats: int) -> argparse.ArgumentParser:
+    """The options the pipeline benchmarks share: weights, device, dtype, size, steps, repeats."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--weights", choices=("tiny", "hub"), default="tiny")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
+    ap.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
     ap.add_argument("--size", type=int, default=64, help="image size in px (1024 for real SDXL)")
     ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--repeats", type=int, default=3)
-    args = ap.parse_args()
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    ap.add_argument("--repeats", type=int, default=repeats)
+    return ap
+
+
+def main() -> None:
+    args = common_arguments(__doc__.split("\n")[0], repeats=3).parse_args()
+    dtype = DTYPES[args.dtype]
     face = tiny_face(crop_size=56 if args.weights == "tiny" else 224)
     with tempfile.TemporaryDirectory() as tmp:
         files = _files(args, tmp)
