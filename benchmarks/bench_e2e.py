@@ -17,12 +17,17 @@ Each side runs in its own subprocess (peak RSS = the kernel's VmHWM of that proc
 image per method, then times one image per method. The sides alternate over ``--repeats`` rounds; the table shows
 min and median seconds per image and of the per-round ratios. Prompt encoding, identity encoding (CLIP on a
 given face crop; face detection is not timed) and VAE decoding are included on both sides.
+
+Real shapes are slow on a small CPU (one round of both sides at 256 px: ~10-15 min on 2 cores), so ``--weights DIR``
+keeps the written weights for later runs, ``--sides`` picks which sides run (e.g. ``ours,ours-compiled`` for the
+compiled-vs-eager ratio alone), each finished side is logged as it ends, and ``--out`` is rewritten after every round.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import platform
@@ -38,7 +43,9 @@ import torch
 from benchmarks.bench_pipeline import PROMPT, reference, reference_generate
 from benchmarks.bench_unet import peak_rss
 
+log = logging.getLogger(__name__)
 SIDES = ("ours", "official")
+ALL_SIDES = (*SIDES, "ours-compiled")
 DEFAULT_METHODS = ("baseline", "am1", "fastface-am1")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SHARD_BYTES = 2 << 30  # the UNet file is written in shards so writing never holds it whole
@@ -131,12 +138,25 @@ def write_sdxl_random_weights(root: Path, dtype: torch.dtype = torch.float32, se
 
 
 def write_weights(root: Path, tiny: bool, dtype: torch.dtype) -> dict[str, Path]:
+    """Write the weights under ``root``, or reuse what an earlier run wrote there with the same settings."""
+    marker = root / "bench_e2e_weights.json"
+    settings = {"tiny": tiny, "dtype": str(dtype)}
+    if marker.is_file():
+        done = json.loads(marker.read_text())
+        if done["settings"] == settings:
+            log.info("reusing the weights in %s", root)
+            return {k: Path(v) for k, v in done["files"].items()}
+        raise SystemExit(f"{root} holds weights written with {done['settings']}, not {settings}: "
+                         "pass another --weights folder or delete that one")
     if tiny:
         from fastface.selfcheck import write_tiny_weights
 
         w = write_tiny_weights(root)
-        return dict(base=w.base, lora=w.lora, adapter=w.adapter, image_encoder=w.image_encoder)
-    return write_sdxl_random_weights(root, dtype)
+        files = dict(base=w.base, lora=w.lora, adapter=w.adapter, image_encoder=w.image_encoder)
+    else:
+        files = write_sdxl_random_weights(root, dtype)
+    marker.write_text(json.dumps({"settings": settings, "files": {k: str(v) for k, v in files.items()}}))
+    return files
 
 
 # ------------------------------------------------------------------------------------------------ one side
@@ -227,20 +247,21 @@ def _stats(xs: list[float]) -> dict[str, float]:
     return {"min": min(xs), "median": statistics.median(xs)}
 
 
+def ratio_pairs(sides: list[str]) -> list[tuple[str, str]]:
+    """The (side, baseline side) pairs whose per-round time ratios the table reports."""
+    pairs = [(s, "official") for s in sides if s != "official" and "official" in sides]
+    return pairs + ([("ours-compiled", "ours")] if {"ours", "ours-compiled"} <= set(sides) else [])
+
+
 def summarise(runs: dict[str, list[dict]], methods: list[str]) -> dict:
-    """Per method: seconds per image (min / median) of each side, ratios to the official side per round."""
+    """Per method: seconds per image (min / median) of each side, ratios between sides per round."""
     table = {}
     for m in methods:
         row = {}
         for side, results in runs.items():
             row[side] = {**_stats([r["seconds"][m] for r in results]), "evals": results[0]["evals"][m]}
-        for side in runs:
-            if side != "official":
-                row[f"{side}/official"] = _stats([a["seconds"][m] / b["seconds"][m]
-                                                  for a, b in zip(runs[side], runs["official"])])
-        if "ours-compiled" in runs:
-            row["ours-compiled/ours"] = _stats([a["seconds"][m] / b["seconds"][m]
-                                                for a, b in zip(runs["ours-compiled"], runs["ours"])])
+        for side, base in ratio_pairs(list(runs)):
+            row[f"{side}/{base}"] = _stats([a["seconds"][m] / b["seconds"][m] for a, b in zip(runs[side], runs[base])])
         table[m] = row
     memory = {side: _stats([r["peak_rss"] for r in results]) for side, results in runs.items()}
     return {"methods": table, "peak_rss": memory,
@@ -248,14 +269,14 @@ def summarise(runs: dict[str, list[dict]], methods: list[str]) -> dict:
 
 
 def markdown(result: dict) -> str:
-    sides = [s for s in result["sides"] if s != "official"]
-    head = "| method | " + " | ".join(f"{s} s/img (min / med)" for s in result["sides"])
-    head += " | " + " | ".join(f"{s}/official (min / med)" for s in sides) + " | evals (ours / official) |"
+    sides, pairs = result["sides"], [f"{a}/{b}" for a, b in ratio_pairs(result["sides"])]
+    head = "| method | " + " | ".join(f"{s} s/img (min / med)" for s in sides)
+    head += "".join(f" | {p} (min / med)" for p in pairs) + " | UNet evals (" + " / ".join(sides) + ") |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for m, row in result["summary"]["methods"].items():
-        cells = [f"{row[s]['min']:.3f} / {row[s]['median']:.3f}" for s in result["sides"]]
-        cells += [f"{row[f'{s}/official']['min']:.2f} / {row[f'{s}/official']['median']:.2f}" for s in sides]
-        cells.append(f"{row['ours']['evals']} / {row['official']['evals']}")
+        cells = [f"{row[s]['min']:.3f} / {row[s]['median']:.3f}" for s in sides]
+        cells += [f"{row[p]['min']:.2f} / {row[p]['median']:.2f}" for p in pairs]
+        cells.append(" / ".join(f"{row[s]['evals']:g}" for s in sides))
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     rss = result["summary"]["peak_rss"]
     lines.append("")
@@ -264,16 +285,7 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def run_benchmark(args: argparse.Namespace) -> dict:
-    sides = [*SIDES, *(["ours-compiled"] if args.compile else [])]
-    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
-        t = time.perf_counter()
-        files = write_weights(Path(tmp), args.tiny, DTYPES[args.dtype])
-        write_s = time.perf_counter() - t
-        runs: dict[str, list[dict]] = {s: [] for s in sides}
-        for r in range(args.repeats):
-            for side in (sides if r % 2 == 0 else sides[::-1]):  # alternate the order between rounds
-                runs[side].append(_spawn(side, files, args))
+def _result(args: argparse.Namespace, sides: list[str], runs: dict[str, list[dict]], write_s: float) -> dict:
     return {
         "config": {"tiny": args.tiny, "size": args.size, "steps": args.steps, "dtype": args.dtype,
                    "device": args.device, "threads": args.threads or torch.get_num_threads(),
@@ -281,6 +293,41 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                    "machine": platform.processor() or platform.machine(), "torch": torch.__version__},
         "sides": sides, "runs": runs, "summary": summarise(runs, args.methods),
     }
+
+
+def _write_result(result: dict, out: str | None) -> str:
+    table = markdown(result)
+    if out:
+        path = Path(out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=1))
+        path.with_suffix(".md").write_text(table + "\n")
+    return table
+
+
+def _measure(args: argparse.Namespace, sides: list[str], files: dict[str, Path], write_s: float) -> dict:
+    runs: dict[str, list[dict]] = {s: [] for s in sides}
+    for r in range(args.repeats):
+        for side in (sides if r % 2 == 0 else sides[::-1]):  # alternate the order between rounds
+            runs[side].append(_spawn(side, files, args))
+            log.info("round %d/%d %s: %s s/img, peak RSS %.2f GB", r + 1, args.repeats, side,
+                     {m: round(t, 2) for m, t in runs[side][-1]["seconds"].items()}, runs[side][-1]["peak_rss"] / 1e9)
+            if all(runs.values()):  # a partial result (whole rounds only) after every side
+                done = min(len(v) for v in runs.values())
+                _write_result(_result(args, sides, {s: v[:done] for s, v in runs.items()}, write_s), args.out)
+    return _result(args, sides, runs, write_s)
+
+
+def run_benchmark(args: argparse.Namespace) -> dict:
+    sides = args.sides or [*SIDES, *(["ours-compiled"] if args.compile else [])]
+    if args.weights:
+        t = time.perf_counter()
+        files = write_weights(Path(args.weights), args.tiny, DTYPES[args.dtype])
+        return _measure(args, sides, files, time.perf_counter() - t)
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        t = time.perf_counter()
+        files = write_weights(Path(tmp), args.tiny, DTYPES[args.dtype])
+        return _measure(args, sides, files, time.perf_counter() - t)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -294,12 +341,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=None, help="torch threads in each side's process")
     ap.add_argument("--repeats", type=int, default=3, help="alternating rounds (>= 3 for min / median)")
     ap.add_argument("--compile", action="store_true", help="also time our pipeline with a compiled UNet")
-    ap.add_argument("--workdir", default=None, help="where to write the random weights (real shapes: ~17 GB fp32)")
+    ap.add_argument("--sides", default=None,
+                    help=f"comma-separated sides to run, of {', '.join(ALL_SIDES)} (default: ours,official "
+                         "and ours-compiled with --compile)")
+    ap.add_argument("--workdir", default=None, help="where to write the random weights (real shapes: ~18 GB fp32)")
+    ap.add_argument("--weights", default=None,
+                    help="a folder that keeps the random weights: written there once, reused by later runs")
     ap.add_argument("--out", default=None, help="write the JSON result here (and a .md table beside it)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--files", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.methods = [m for m in args.methods.split(",") if m]
+    args.sides = [s for s in args.sides.split(",") if s] if args.sides else None
+    unknown = sorted(set(args.sides or ()) - set(ALL_SIDES))
+    if unknown or (args.sides is not None and len(args.sides) != len(set(args.sides))) or args.sides == []:
+        ap.error(f"--sides: give distinct names out of {', '.join(ALL_SIDES)} (got {unknown or args.sides})")
     if args.size is None:
         args.size = 64 if args.tiny else 256
     return args
@@ -310,14 +366,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     if args.child:
         _child(args)
         return None
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     result = run_benchmark(args)
-    table = markdown(result)
-    print(table)
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1))
-        out.with_suffix(".md").write_text(table + "\n")
+    print(_write_result(result, args.out))
     return result
 
 
