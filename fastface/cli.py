@@ -220,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "crops for the FaceID adapters).")
     emb.add_argument("--face", "-f", action="append", required=True, metavar="PATH", help="face photo (repeatable)")
     emb.add_argument("--output", "-o", required=True, help="output .safetensors file")
+    emb.add_argument("--overwrite", action="store_true", help="replace --output if it exists (default: refuse)")
     emb.add_argument("--adapter", default="faceid-plusv2", choices=list(adapters),
                      help="the adapter the file is for (default faceid-plusv2)")
     g = emb.add_argument_group("face models")
@@ -472,6 +473,9 @@ def _embed(ns: argparse.Namespace) -> int:
 
     if not ns.output.endswith(".safetensors"):
         raise CLIError(EXIT_USAGE, f"--output must end with .safetensors, got {ns.output!r}")
+    if Path(ns.output).exists() and not ns.overwrite:
+        raise CLIError(EXIT_USAGE, f"{ns.output} exists and is kept; give another --output, or --overwrite to "
+                                   "replace it")
     entry = get_entry(ns.adapter)
     files, _ = _adapter_options(ns, entry, load=True)
     preparer = _preparer(ns, entry, files)

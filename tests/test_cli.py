@@ -189,6 +189,19 @@ def test_embed_writes_a_face_file(env, monkeypatch):
     assert main(["embed", "--face", "photo.png", "-o", "x.npy"]) == EXIT_USAGE
 
 
+def test_embed_keeps_an_existing_file_unless_overwrite(env, monkeypatch, capsys):
+    root, _ = env
+    monkeypatch.chdir(root)
+    (root / "mine.safetensors").write_bytes(b"precious")
+    args = ["embed", "--face", "photo.png", "--face-root", "insightface", "-o", "mine.safetensors"]
+    assert main(args) == EXIT_USAGE
+    assert "exists and is kept" in capsys.readouterr().err and (root / "mine.safetensors").read_bytes() == b"precious"
+    assert main([*args, "--overwrite"]) == 0
+    from fastface.face_files import load_face_file
+
+    assert load_face_file(root / "mine.safetensors").crop.shape == (224, 224, 3)
+
+
 def test_face_pack_is_downloaded_only_when_allowed(tmp_path, monkeypatch):
     import zipfile
 
