@@ -353,8 +353,9 @@ def pipeline_from_args(args: argparse.Namespace, device: str, files: Mapping[str
 def batch_settings(args: argparse.Namespace, call_options: Mapping[str, Any], device: str,
                    files: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """What makes a batch's images (recorded in every PNG, compared on resumption): the model, its weights as
-    given (and the adapter's files), the dtype actually used, and the call options. The device is not part of it
-    (another GPU resumes)."""
+    given (and the adapter's files), the dtype actually used, the VAE tile size when one is given (tiled decoding
+    changes the pixels; the default is left out so batches made before it was recorded still resume), and the call
+    options. The device is not part of it (another GPU resumes)."""
     import torch
 
     from fastface.pipeline import parse_dtype
@@ -364,7 +365,7 @@ def batch_settings(args: argparse.Namespace, call_options: Mapping[str, Any], de
             "selfcheck_weights": bool(getattr(args, "selfcheck_weights", False)),
             "dtype": str(parse_dtype(dtype, torch.device(device))).replace("torch.", ""),
             **{k: getattr(args, k, None) for k in MODEL_FIELDS}, "adapter_files": dict(files or {}),
-            **call_options}
+            **({"vae_tile": args.vae_tile} if getattr(args, "vae_tile", None) is not None else {}), **call_options}
 
 
 def run_batch_from_args(

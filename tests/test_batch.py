@@ -160,6 +160,9 @@ def test_files_made_otherwise_are_refused_unless_overwrite(tmp_path, capsys):
     assert _summary(tmp_path / "s.json")["total"]["generated"] == 1
     assert read_png_json(path, "fastface")["method"] == "fastface-am1"
 
+    assert main(_args(prompts, faces, out, "--vae-tile", "64")) == 2  # tiled decoding makes other pixels
+    assert "settings.vae_tile" in capsys.readouterr().err
+
 
 def test_an_unreadable_face_fails_its_images_and_the_others_go_on(tmp_path, capsys):
     prompts, faces = _one_person(tmp_path, "a photo of a person\na person in a park\n")
