@@ -13,10 +13,13 @@ Sections, in order (each is timed and recorded; a failing section records its er
 2. ``unet_eager``: one UNet forward (batch 3, the official per-step batch), ours vs diffusers, fp16.
 3. ``images``: seconds per 1024² image per method, ours vs the official-equivalent pipeline
    (:mod:`benchmarks.bench_e2e`), fp16, and peak VRAM per method.
-4. ``offload``: peak VRAM per method with our pipeline's ``offload`` option (when the Pipeline has one).
-5. ``unet_compiled``: the UNet forward compiled (``torch.compile``, ``mode="reduce-overhead"``: CUDA graphs),
+4. ``images_unfused``: our pipeline with the adapter's LoRA unfused (``fuse_adapter_lora=False``, as diffusers' PEFT
+   layers run it): seconds and peak VRAM per method; the default (fused) keeps one more copy of the attention
+   projections (~1.9 GB in fp16) for its speed, so this is the like-for-like memory figure.
+5. ``offload``: peak VRAM per method with our pipeline's ``offload`` option (when the Pipeline has one).
+6. ``unet_compiled``: the UNet forward compiled (``torch.compile``, ``mode="reduce-overhead"``: CUDA graphs),
    ours vs diffusers.
-6. ``images_compiled``: our pipeline with its UNet compiled (``compile=``, i.e. ``fastface.compile_unet``), seconds
+7. ``images_compiled``: our pipeline with its UNet compiled (``compile=``, i.e. ``fastface.compile_unet``), seconds
    per image for fastface-am1 and am1 (each method's first image compiles for its branch sets).
 
 Writes ``gpu_run.json`` and ``gpu_run.md`` (one table per section) into ``--out``.
@@ -167,6 +170,10 @@ def section_images(run: Run, files) -> dict:
     return {"ours": ours, "official": official, "ratio_ours_over_official": ratio}
 
 
+def section_images_unfused(run: Run, files) -> dict:
+    return _images(run, files, "ours-unfused")
+
+
 def section_offload(run: Run, files) -> dict:
     from fastface.pipeline import Pipeline
 
@@ -220,11 +227,14 @@ SECTIONS = {
     "parity": section_parity,
     "unet_eager": section_unet_eager,
     "images": section_images,
+    "images_unfused": section_images_unfused,
     "offload": section_offload,
     "unet_compiled": section_unet_compiled,
     "images_compiled": section_images_compiled,
 }
 
+
+IMAGE_SECTIONS = ("images", "images_unfused", "offload", "images_compiled")  # need the written weights
 
 # ------------------------------------------------------------------------------------------------ report
 
@@ -246,7 +256,7 @@ def markdown(result: dict) -> str:
             lines += [f"**{'error' if 'error' in sec else 'skipped'}**: {sec.get('error') or sec.get('skipped')}", ""]
             continue
         data = sec["result"]
-        if name in ("images", "offload", "images_compiled"):
+        if name in IMAGE_SECTIONS:
             rows = data.get("ours", data)
             lines += ["| method | ours s/img (min / med) | evals | peak VRAM GB | official s/img | ours/official |",
                       "|---|---|---|---|---|---|"]
@@ -290,7 +300,7 @@ def main(argv: list[str] | None = None) -> dict:
     wanted = [s for s in args.sections.split(",") if s]
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         files = None
-        if {"images", "offload", "images_compiled"} & set(wanted):
+        if set(IMAGE_SECTIONS) & set(wanted):
             t = time.perf_counter()
             files = write_weights(Path(tmp), run.dry, torch.float32 if run.dry else torch.float16)
             result["env"]["write_weights_s"] = time.perf_counter() - t

@@ -24,6 +24,8 @@ def test_dry_run_runs_every_section(tmp_path):
     assert set(images["ratio_ours_over_official"]) == {"baseline", "fastface-am1"}
     assert sections["images_compiled"]["result"]["baseline"]["seconds"]["min"] > 0
     assert sections["offload"]["result"]["baseline"]["seconds"]["min"] > 0  # Pipeline.from_pretrained(offload=True)
+    unfused = sections["images_unfused"]["result"]  # fuse_adapter_lora=False: same evaluations
+    assert {m: r["evals"] for m, r in unfused.items()} == {m: r["evals"] for m, r in images["ours"].items()}
     md = (tmp_path / "gpu_run.md").read_text()
     assert all(f"## {name}" in md for name in sections)
     assert set(METHODS) >= {"baseline", "am1", "fastface-am1"}
