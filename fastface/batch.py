@@ -346,16 +346,17 @@ def pipeline_from_args(args: argparse.Namespace, device: str, files: Mapping[str
         args.preset, args.adapter, steps=args.steps, dtype=args.dtype, device=device, download=args.download,
         cache_dir=args.cache_dir, face_root=args.face_root, **{k: getattr(args, k) for k in MODEL_FIELDS},
         compile=getattr(args, "compile", False), offload=getattr(args, "offload", False),
-        vae_tile=getattr(args, "vae_tile", None), **dict(files or {}),
+        vae_tile=getattr(args, "vae_tile", None), fuse_adapter_lora=not getattr(args, "unfused_lora", False),
+        **dict(files or {}),
     )
 
 
 def batch_settings(args: argparse.Namespace, call_options: Mapping[str, Any], device: str,
                    files: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """What makes a batch's images (recorded in every PNG, compared on resumption): the model, its weights as
-    given (and the adapter's files), the dtype actually used, the VAE tile size when one is given (tiled decoding
-    changes the pixels; the default is left out so batches made before it was recorded still resume), and the call
-    options. The device is not part of it (another GPU resumes)."""
+    given (and the adapter's files), the dtype actually used, the VAE tile size and --unfused-lora when given (they
+    change the pixels, tiling visibly, the unfused LoRA by rounding; defaults are left out so batches made before
+    they were recorded still resume), and the call options. The device is not part of it (another GPU resumes)."""
     import torch
 
     from fastface.pipeline import parse_dtype
@@ -365,7 +366,8 @@ def batch_settings(args: argparse.Namespace, call_options: Mapping[str, Any], de
             "selfcheck_weights": bool(getattr(args, "selfcheck_weights", False)),
             "dtype": str(parse_dtype(dtype, torch.device(device))).replace("torch.", ""),
             **{k: getattr(args, k, None) for k in MODEL_FIELDS}, "adapter_files": dict(files or {}),
-            **({"vae_tile": args.vae_tile} if getattr(args, "vae_tile", None) is not None else {}), **call_options}
+            **({"vae_tile": args.vae_tile} if getattr(args, "vae_tile", None) is not None else {}),
+            **({"unfused_lora": True} if getattr(args, "unfused_lora", False) else {}), **call_options}
 
 
 def run_batch_from_args(

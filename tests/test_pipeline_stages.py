@@ -208,14 +208,14 @@ def test_cli_flags_reach_the_pipeline(tiny, tmp_path, monkeypatch) -> None:
             "--base", str(tiny.base), "--weights", str(tiny.lora), "--adapter-file", str(tiny.adapter),
             "--image-encoder", str(tiny.image_encoder), "--seed", "3", "--method", "fastface-am1", "--height", "64",
             "--width", "64", "--device", "cpu", "--dtype", "fp32", "--no-progress", "--offload", "--vae-tile", "4",
-            "--compile", "-o", str(out)]
+            "--compile", "--unfused-lora", "-o", str(out)]
     assert fastface.cli.main(args) == 0
-    assert (seen["offload"], seen["vae_tile"], seen["compile"]) == (True, 4, True)
+    assert (seen["offload"], seen["vae_tile"], seen["compile"], seen["fuse_adapter_lora"]) == (True, 4, True, False)
     monkeypatch.undo()
-    pipe, _ = _load(tiny, "faceid-plusv2", vae_tile=4, offload=True)
+    pipe, _ = _load(tiny, "faceid-plusv2", vae_tile=4, offload=True, fuse_adapter_lora=False)
     ref = pipe(PROMPT, face=tiny_face(), method="fastface-am1", seed=3, height=64, width=64)
     with Image.open(out) as im:
         meta = json.loads(im.text[METADATA_KEY])
         assert np.array_equal(np.asarray(im), np.asarray(ref.images[0]))
     assert meta["vae_tile"] == 4
-    assert all(w in meta["command"].split() for w in ("--offload", "--compile", "--vae-tile"))
+    assert all(w in meta["command"].split() for w in ("--offload", "--compile", "--vae-tile", "--unfused-lora"))
