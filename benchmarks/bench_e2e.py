@@ -29,6 +29,7 @@ compiled-vs-eager ratio alone), each finished side is logged as it ends, and ``-
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -326,13 +327,11 @@ def _measure(args: argparse.Namespace, sides: list[str], files: dict[str, Path],
 
 def run_benchmark(args: argparse.Namespace) -> dict:
     sides = args.sides or [*SIDES, *(["ours-compiled"] if args.compile else [])]
-    if args.weights:
+    # --weights: a kept folder; otherwise a temporary one, removed at the end
+    folder = contextlib.nullcontext(args.weights) if args.weights else tempfile.TemporaryDirectory(dir=args.workdir)
+    with folder as root:
         t = time.perf_counter()
-        files = write_weights(Path(args.weights), args.tiny, DTYPES[args.dtype])
-        return _measure(args, sides, files, time.perf_counter() - t)
-    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
-        t = time.perf_counter()
-        files = write_weights(Path(tmp), args.tiny, DTYPES[args.dtype])
+        files = write_weights(Path(root), args.tiny, DTYPES[args.dtype])
         return _measure(args, sides, files, time.perf_counter() - t)
 
 
