@@ -20,6 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from .file_kinds import identify
+from .finite import checked_tensors, nonfinite_in_file, nonfinite_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -65,8 +66,10 @@ def read_safetensors(
             f"{path}: not a readable safetensors file ({exc}). The file may be truncated (an interrupted "
             "download) or in another format; download it again or convert it to safetensors."
         ) from exc
-    if check_finite:
-        check_finite_tensors(sd, path)
+    if check_finite:  # on the CPU through a bounded buffer: the mapped pages stay out until a model uses them
+        named = checked_tensors(sd.items())
+        cpu = torch.device(device).type == "cpu"
+        _refuse_nonfinite(named, nonfinite_in_file(path, sd) if cpu else nonfinite_tensors(named), path)
     return sd
 
 
@@ -124,14 +127,14 @@ def check_finite_tensors(obj: object, source: str | os.PathLike) -> None:
     allocation the size of the tensor, and one host sync per file, not per tensor, for tensors on an accelerator.
     Tensors named ``*attn_mask`` are skipped (causal masks legitimately hold -inf).
     """
-    named = [(k, t) for k, t in _walk(obj, "") if t.is_floating_point() and t.numel() and not k.endswith("attn_mask")]
-    if not named:
+    named = checked_tensors(_walk(obj, ""))
+    _refuse_nonfinite(named, nonfinite_tensors(named), source)
+
+
+def _refuse_nonfinite(named: list[tuple[str, torch.Tensor]], bad: list[str], source: str | os.PathLike) -> None:
+    """Raise the non-finite error for ``bad`` (names among ``named``), counting NaN / Inf in the first one."""
+    if not bad:
         return
-    bounds = [torch.stack(t.aminmax()).float() for _, t in named]  # [2] per tensor, on the tensor's device
-    ok = torch.isfinite(torch.stack([b.to(bounds[0].device) for b in bounds])).all(dim=1).cpu()  # the one sync
-    if bool(ok.all()):
-        return
-    bad = [k for (k, _), good in zip(named, ok.tolist()) if not good]
     key, tensor = next((k, t) for k, t in named if k == bad[0])
     nan, inf = int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum())
     more = f" (and {len(bad) - 1} more tensor(s): {_list_keys(bad[1:], 5)})" if len(bad) > 1 else ""
