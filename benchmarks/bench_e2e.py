@@ -11,10 +11,11 @@ FaceID-Plus-v2; the CLIP ViT-H/14 image encoder) or, with ``--tiny``, :func:`fas
 :mod:`benchmarks.bench_pipeline` builds it (diffusers ``StableDiffusionXLPipeline``, ``load_ip_adapter``, one
 UNet call per step over the three-branch batch: 12 UNet evaluations per 4-step image, without AM, so its AM times
 are a lower bound; its FaceID LoRA is diffusers' PEFT adapter ``faceid_0``, computed beside each projection).
-``--compile`` adds our pipeline with its UNet compiled (``compile=True``, i.e. ``fastface.compile_unet``); the side
-``ours-unfused`` runs the adapter's LoRA unfused (``fuse_adapter_lora=False``) as diffusers does: our default
-precomputes ``W + ΔW`` for the speed and keeps ``W`` for an exact ``lora_scale`` change or ``remove()``, which costs one
-more copy of every attention projection (SDXL: ~1.9 GB in fp16, ~3.8 GB in fp32).
+``--compile`` adds our pipeline with its UNet compiled (``compile=True``, i.e. ``fastface.compile_unet``). The
+adapter's own LoRA: ``ours`` uses the pipeline's default for the device (unfused on the CPU, fused on an accelerator);
+``ours-unfused`` forces it computed beside each projection, as diffusers does (``fuse_adapter_lora=False``), and
+``ours-fused`` forces ``W + ΔW`` precomputed (``fuse_adapter_lora=True``), which keeps ``W`` too for an exact
+``lora_scale`` change or ``remove()``: one more copy of every attention projection (SDXL: ~1.9 GB fp16, ~3.8 GB fp32).
 
 Each side runs in its own subprocess (peak RSS = the kernel's VmHWM of that process): it loads, makes one warm-up
 image per method, then times one image per method. The sides alternate over ``--repeats`` rounds; the table shows
@@ -49,10 +50,11 @@ from benchmarks.bench_unet import peak_rss
 
 log = logging.getLogger(__name__)
 SIDES = ("ours", "official")
-# Our pipeline's variants: its UNet compiled (compile=True); the adapter's LoRA run unfused (fuse_adapter_lora=False:
-# the LoRA computed beside each projection, as diffusers' PEFT layers do, instead of a precomputed copy of the weights).
-VARIANTS = {"ours": {}, "ours-compiled": {"compile": True}, "ours-unfused": {"fuse_adapter_lora": False}}
-ALL_SIDES = (*SIDES, "ours-compiled", "ours-unfused")
+# Our pipeline's variants: its UNet compiled (compile=True); the adapter's LoRA forced unfused (computed beside each
+# projection, as diffusers' PEFT layers do) or fused (a precomputed copy of the weights); "ours" is the device default.
+VARIANTS = {"ours": {}, "ours-compiled": {"compile": True}, "ours-unfused": {"fuse_adapter_lora": False},
+            "ours-fused": {"fuse_adapter_lora": True}}
+ALL_SIDES = (*SIDES, "ours-compiled", "ours-unfused", "ours-fused")
 DEFAULT_METHODS = ("baseline", "am1", "fastface-am1")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SHARD_BYTES = 2 << 30  # the UNet file is written in shards so writing never holds it whole

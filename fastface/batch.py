@@ -335,6 +335,24 @@ def _selfcheck_pipeline(args: argparse.Namespace, device: str) -> Any:
     return pipe
 
 
+def adapter_lora_choice(args: argparse.Namespace) -> bool | None:
+    """--fused-lora: True, --unfused-lora: False, neither: None (the pipeline's default for the device)."""
+    if getattr(args, "fused_lora", False):
+        return True
+    return False if getattr(args, "unfused_lora", False) else None
+
+
+def adapter_lora_fused(args: argparse.Namespace, device: str) -> bool:
+    """Whether the batch's pipeline fuses the adapter's LoRA (the tiny --selfcheck-weights pipeline never does)."""
+    import torch
+
+    from fastface.pipeline import resolve_fuse_adapter_lora
+
+    if getattr(args, "selfcheck_weights", False):
+        return False
+    return resolve_fuse_adapter_lora(adapter_lora_choice(args), torch.device(device))
+
+
 def pipeline_from_args(args: argparse.Namespace, device: str, files: Mapping[str, Any] | None = None) -> Any:
     """The pipeline of ``fastface generate``'s options on ``device``; ``files``: the adapter's load options (local
     files, by option name) as the CLI parsed them. Tiny random weights with --selfcheck-weights."""
@@ -346,7 +364,7 @@ def pipeline_from_args(args: argparse.Namespace, device: str, files: Mapping[str
         args.preset, args.adapter, steps=args.steps, dtype=args.dtype, device=device, download=args.download,
         cache_dir=args.cache_dir, face_root=args.face_root, **{k: getattr(args, k) for k in MODEL_FIELDS},
         compile=getattr(args, "compile", False), offload=getattr(args, "offload", False),
-        vae_tile=getattr(args, "vae_tile", None), fuse_adapter_lora=not getattr(args, "unfused_lora", False),
+        vae_tile=getattr(args, "vae_tile", None), fuse_adapter_lora=adapter_lora_choice(args),
         **dict(files or {}),
     )
 
@@ -354,9 +372,9 @@ def pipeline_from_args(args: argparse.Namespace, device: str, files: Mapping[str
 def batch_settings(args: argparse.Namespace, call_options: Mapping[str, Any], device: str,
                    files: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """What makes a batch's images (recorded in every PNG, compared on resumption): the model, its weights as
-    given (and the adapter's files), the dtype actually used, the VAE tile size and --unfused-lora when given (they
-    change the pixels, tiling visibly, the unfused LoRA by rounding; defaults are left out so batches made before
-    they were recorded still resume), and the call options. The device is not part of it (another GPU resumes)."""
+    given (and the adapter's files), the dtype actually used, the VAE tile size when given and an unfused adapter
+    LoRA (they change the pixels, tiling visibly, the unfused LoRA by rounding; a tiled-by-default decode and a
+    fused LoRA, the only choices before they were recorded, are left out so those batches still resume), and the call options. The device is not part of it (another GPU resumes)."""
     import torch
 
     from fastface.pipeline import parse_dtype
@@ -367,7 +385,7 @@ def batch_settings(args: argparse.Namespace, call_options: Mapping[str, Any], de
             "dtype": str(parse_dtype(dtype, torch.device(device))).replace("torch.", ""),
             **{k: getattr(args, k, None) for k in MODEL_FIELDS}, "adapter_files": dict(files or {}),
             **({"vae_tile": args.vae_tile} if getattr(args, "vae_tile", None) is not None else {}),
-            **({"unfused_lora": True} if getattr(args, "unfused_lora", False) else {}), **call_options}
+            **({} if adapter_lora_fused(args, device) else {"unfused_lora": True}), **call_options}
 
 
 def run_batch_from_args(

@@ -205,9 +205,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, help="images per UNet batch (default: all at once)")
     g.add_argument("--compile", action="store_true", help="torch.compile the UNet (the first image compiles)")
     g.add_argument("--offload", action="store_true", help="keep on the device only the part in use (less memory)")
-    g.add_argument("--unfused-lora", action="store_true",
-                   help="run the adapter's LoRA beside each projection, as diffusers does, instead of a fused copy "
-                   "of the weights: one copy of the attention projections less (SDXL: ~1.9 GB in fp16)")
+    lora = g.add_mutually_exclusive_group()
+    lora.add_argument("--unfused-lora", action="store_true",
+                      help="run the adapter's LoRA beside each projection, as diffusers does (the default on the CPU): "
+                      "one copy of the attention projections less than --fused-lora (SDXL: ~1.9 GB in fp16)")
+    lora.add_argument("--fused-lora", action="store_true",
+                      help="precompute the adapter's LoRA into a copy of the attention projections (the default on "
+                      "an accelerator): fewer FLOPs per step, one more copy of those weights in memory")
     g.add_argument("--vae-tile", type=int, metavar="LATENTS", help="decode in tiles of this many latents per side "
                    "(0: never; default: tiles of 1024 px above 1024 px)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
