@@ -268,7 +268,8 @@ class PipelineGenerator:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         o = self.options
-        fuse = config.lora_scale == (adapter_lora_scale(config.adapter) or 0.0)
+        # the device's default form of the adapter LoRA, unless the sweep varies its scale (then unfused: no re-fusing)
+        fuse = None if config.lora_scale == (adapter_lora_scale(config.adapter) or 0.0) else False
         return Pipeline.from_pretrained(config.preset, adapter=config.adapter, steps=config.steps, dtype=o.dtype,
                                         device=o.device, download=o.download, cache_dir=o.cache_dir,
                                         face_root=o.face_root, fuse_adapter_lora=fuse)

@@ -135,7 +135,17 @@ def _differences(found: Any, wanted: Mapping[str, Any]) -> str:
     keys = [k for k in wanted if k != "settings" and found.get(k) != wanted[k]]
     s_found, s_wanted = found.get("settings") or {}, wanted["settings"]
     keys += [f"settings.{k}" for k in sorted(set(s_found) | set(s_wanted)) if s_found.get(k) != s_wanted.get(k)]
-    return "made with another " + ", ".join(keys) if keys else "same request"
+    if not keys:
+        return "same request"
+    hints = [_SETTING_HINTS[k] for k in keys if k in _SETTING_HINTS]
+    return "made with another " + ", ".join(keys) + (f" ({'; '.join(hints)})" if hints else "")
+
+
+# settings whose option is not named like the setting: how to make them match the stored images
+_SETTING_HINTS = {
+    "settings.unfused_lora": "the adapter LoRA was computed the other way: --fused-lora or --unfused-lora picks it "
+    "(fused was the only way before it was recorded)",
+}
 
 
 def _existing(tasks: Sequence[BatchTask], out: Path, settings: Mapping[str, Any]) -> tuple[set[int], dict[int, str]]:
@@ -329,7 +339,7 @@ def _selfcheck_pipeline(args: argparse.Namespace, device: str) -> Any:
         raise ValueError(f"--selfcheck-weights has no tiny weights for --adapter {args.adapter}; adapters with tiny "
                          f"weights: {', '.join(a.name for a in w.adapters)}")
     pipe = Pipeline.from_pretrained(args.preset, args.adapter, base=w.base, steps=args.steps, dtype="fp32",
-                                    device=device, fuse_adapter_lora=False,
+                                    device=device, fuse_adapter_lora=adapter_lora_choice(args),
                                     weights=w.lora if args.preset == "hyper" else w.unet_file, **run.load)
     pipe.__dict__["_tiny_weights_folder"] = tmp  # removed with the pipeline (an adapter may read its files later)
     return pipe
@@ -343,13 +353,11 @@ def adapter_lora_choice(args: argparse.Namespace) -> bool | None:
 
 
 def adapter_lora_fused(args: argparse.Namespace, device: str) -> bool:
-    """Whether the batch's pipeline fuses the adapter's LoRA (the tiny --selfcheck-weights pipeline never does)."""
+    """Whether the batch's pipeline fuses the adapter's LoRA on ``device``."""
     import torch
 
     from fastface.pipeline import resolve_fuse_adapter_lora
 
-    if getattr(args, "selfcheck_weights", False):
-        return False
     return resolve_fuse_adapter_lora(adapter_lora_choice(args), torch.device(device))
 
 
@@ -374,7 +382,8 @@ def batch_settings(args: argparse.Namespace, call_options: Mapping[str, Any], de
     """What makes a batch's images (recorded in every PNG, compared on resumption): the model, its weights as
     given (and the adapter's files), the dtype actually used, the VAE tile size when given and an unfused adapter
     LoRA (they change the pixels, tiling visibly, the unfused LoRA by rounding; a tiled-by-default decode and a
-    fused LoRA, the only choices before they were recorded, are left out so those batches still resume), and the call options. The device is not part of it (another GPU resumes)."""
+    fused LoRA, the only choices before they were recorded, are left out so those batches still resume), and the
+    call options. The device is not part of it (another GPU resumes)."""
     import torch
 
     from fastface.pipeline import parse_dtype

@@ -65,11 +65,12 @@ def parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.
 def resolve_fuse_adapter_lora(fuse: bool | None, device: torch.device) -> bool:
     """Whether an adapter's own LoRA is precomputed into the weights: ``fuse`` when given, else only off the CPU.
 
-    Fusing saves the LoRA's two low-rank GEMMs per projection (at rank 128 about 20-40 % of a 640/1280-wide
-    projection's FLOPs, which matters where the UNet is compute-bound, on a GPU) but keeps one more copy of every
-    attention projection for the exact ``remove()`` (SDXL fp32 ~3.8 GB, fp16 ~1.9 GB). On the CPU the measured
-    real-shape images were no faster fused and the copy made the peak memory 21 % above diffusers', so the CPU
-    default is unfused.
+    Fusing saves the LoRA's two low-rank GEMMs per projection (at rank 128, 20-40 % more FLOPs on a 1280/640-wide
+    projection) but keeps one more copy of every attention projection for the exact ``remove()`` (SDXL fp32
+    ~3.8 GB, fp16 ~1.9 GB). Measured at the real shapes on a 2-core CPU (256 px, fp32): fused was as fast for
+    baseline and am1 and 6-9 % faster for fastface-am1, at a peak memory 19 % above the unfused pipeline's, which is
+    below diffusers'. So the CPU, where memory is the limit, defaults to unfused; a GPU, where the UNet is
+    compute-bound and 1.9 GB is small, to fused.
     """
     if fuse is not None:
         if not isinstance(fuse, bool):

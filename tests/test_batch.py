@@ -163,6 +163,15 @@ def test_files_made_otherwise_are_refused_unless_overwrite(tmp_path, capsys):
     assert main(_args(prompts, faces, out, "--vae-tile", "64")) == 2  # tiled decoding makes other pixels
     assert "settings.vae_tile" in capsys.readouterr().err
 
+    # the adapter LoRA's form (CPU default: unfused) changes pixels by rounding: a fused batch resumes only fused
+    fused = tmp_path / "fused"
+    assert main(_args(prompts, faces, fused, "--fused-lora")) == 0
+    capsys.readouterr()
+    assert main(_args(prompts, faces, fused)) == 2
+    assert "settings.unfused_lora" in (err := capsys.readouterr().err) and "--fused-lora" in err
+    assert main(_args(prompts, faces, fused, "--fused-lora", "--summary", str(tmp_path / "f.json"))) == 0
+    assert _summary(tmp_path / "f.json")["total"]["generated"] == 0  # resumed: nothing regenerated
+
 
 def test_an_unreadable_face_fails_its_images_and_the_others_go_on(tmp_path, capsys):
     prompts, faces = _one_person(tmp_path, "a photo of a person\na person in a park\n")
