@@ -1,10 +1,11 @@
-"""The NaN / ±Inf check of CPU safetensors files reads the file, not the mapping (fastface.models.finite).
+"""The NaN / ±Inf check of CPU safetensors files maps pieces of the file briefly, not the loaded tensors.
 
-* parity: :func:`nonfinite_in_file` (the file's bytes in chunks) names exactly the tensors that
+* parity: :func:`nonfinite_in_file` (the file in pieces, each mapped then unmapped) names exactly the tensors that
   :func:`nonfinite_tensors` (``aminmax`` on the loaded tensors) names, and the ones we planted: fp32, fp16, bf16 and
   fp64; a NaN, +Inf or -Inf first, last, or just either side of a chunk boundary (chunks of 64 bytes, so every
   tensor spans many); clean tensors, an integer tensor and an ``attn_mask`` holding -inf are not named; an fp16
-  tensor with an odd element count shifts the offsets of the tensors after it.
+  tensor with an odd element count; a file packed without alignment (fp32 / fp64 tensors starting off their element
+  size: read into an aligned buffer instead of mapped).
 * memory: reading a 64 MiB file with the check leaves less than 8 MiB of it resident in this process (RssFile), and
   summing the tensors afterwards makes it resident (so the measurement can see it). Linux only (/proc).
 """
@@ -36,7 +37,7 @@ def _planted() -> tuple[dict[str, torch.Tensor], set[str]]:
                 t[where] = value
                 key = f"{name}.{label}.{where}"
                 tensors[key], _ = t, bad.add(key)
-    tensors["odd.f16"] = torch.randn(7, generator=gen).half()  # 14 bytes: later offsets are not 4-aligned
+    tensors["odd.f16"] = torch.randn(7, generator=gen).half()  # 14 bytes (the writer puts it after the wider dtypes)
     tensors["odd.after"] = torch.randn(33, generator=gen)
     tensors["odd.after.nan"] = torch.randn(33, generator=gen)
     tensors["odd.after.nan"][32] = float("nan")
@@ -84,3 +85,37 @@ def test_check_leaves_the_mapped_file_out_of_resident_memory(tmp_path: Path):
     total = sum(float(t.sum()) for t in sd.values())  # a model using the weights maps them in
     assert total == total
     assert _rss_file_mib() - before > 56, (before, _rss_file_mib())
+
+
+def _write_unaligned(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """A valid safetensors file with the tensors packed in the given order, without alignment padding (the format
+    allows it; safetensors' own writer sorts by alignment), so a tensor can start off its element size."""
+    import json
+    import struct
+
+    names = {torch.float16: "F16", torch.float32: "F32", torch.bfloat16: "BF16", torch.float64: "F64"}
+    header, blobs, at = {}, [], 0
+    for k, t in tensors.items():
+        raw = t.contiguous().view(torch.uint8).numpy().tobytes()
+        header[k] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [at, at + len(raw)]}
+        blobs.append(raw)
+        at += len(raw)
+    head = json.dumps(header).encode()
+    head += b" " * (-(8 + len(head)) % 8)  # the header itself may be padded with spaces
+    path.write_bytes(struct.pack("<Q", len(head)) + head + b"".join(blobs))
+
+
+def test_unaligned_tensors_are_read_not_mapped(tmp_path: Path):
+    gen = torch.Generator().manual_seed(1)
+    bad32, bad64 = torch.randn(40, generator=gen), torch.randn(40, generator=gen).double()
+    bad32[33], bad64[0] = float("nan"), float("-inf")
+    tensors = {"f16": torch.randn(3, generator=gen).half(), "f32.bad": bad32,  # starts at byte 6 of the data
+               "f32.ok": torch.randn(40, generator=gen), "f64.bad": bad64,
+               "f64.ok": torch.randn(9, generator=gen).double()}
+    path = tmp_path / "u.safetensors"
+    _write_unaligned(path, tensors)
+    sd = load_file(str(path))
+    assert all(torch.allclose(sd[k], v, rtol=0, atol=0, equal_nan=True) for k, v in tensors.items())  # read back
+    from_tensors = nonfinite_tensors(checked_tensors(sd.items()))
+    assert from_tensors == ["f32.bad", "f64.bad"]
+    assert nonfinite_in_file(path, sd, chunk_bytes=CHUNK) == from_tensors

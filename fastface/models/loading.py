@@ -66,7 +66,7 @@ def read_safetensors(
             f"{path}: not a readable safetensors file ({exc}). The file may be truncated (an interrupted "
             "download) or in another format; download it again or convert it to safetensors."
         ) from exc
-    if check_finite:  # on the CPU through a bounded buffer: the mapped pages stay out until a model uses them
+    if check_finite:  # CPU: short-lived mappings, so the pages stay out until a model uses them
         named = checked_tensors(sd.items())
         cpu = torch.device(device).type == "cpu"
         _refuse_nonfinite(named, nonfinite_in_file(path, sd) if cpu else nonfinite_tensors(named), path)
