@@ -11,12 +11,11 @@ Sections, in order (each is timed and recorded; a failing section records its er
 1. ``parity``: our UNet vs diffusers' ``UNet2DConditionModel`` on the same weights, fp16 and bf16, at a 1024²
    latent: max |ours - ref| / max |ref|, with fp32 for scale.
 2. ``unet_eager``: one UNet forward (batch 3, the official per-step batch), ours vs diffusers, fp16.
-3. ``images``: seconds per 1024² image per method, ours vs the official-equivalent pipeline
-   (:mod:`benchmarks.bench_e2e`), fp16, and peak VRAM per method.
+3. ``images``: seconds per 1024² image per method, ours (adapter LoRA fused, the GPU default) vs the
+   official-equivalent pipeline (:mod:`benchmarks.bench_e2e`), fp16, and peak VRAM per method.
 4. ``images_unfused``: our pipeline with the adapter's LoRA unfused (``fuse_adapter_lora=False``, as diffusers' PEFT
    layers run it): seconds and peak VRAM per method; the default on a GPU (fused) keeps one more copy of the
-   attention projections (~1.9 GB in fp16) for its speed, so this is the like-for-like memory figure (in the
-   CPU dry run both sections run unfused, the CPU default).
+   attention projections (~1.9 GB in fp16) for its speed, so this is the like-for-like memory figure.
 5. ``offload``: peak VRAM per method with our pipeline's ``offload`` option (when the Pipeline has one).
 6. ``unet_compiled``: the UNet forward compiled (``torch.compile``, ``mode="reduce-overhead"``: CUDA graphs),
    ours vs diffusers.
@@ -165,7 +164,7 @@ def _images(run: Run, files, side: str, setup=None, methods: list[str] | None = 
 
 
 def section_images(run: Run, files) -> dict:
-    ours = _images(run, files, "ours")
+    ours = _images(run, files, "ours-fused")  # the GPU default, forced so that the CPU dry run takes the same path
     official = _images(run, files, "official")
     ratio = {m: ours[m]["seconds"]["median"] / official[m]["seconds"]["median"] for m in run.methods}
     return {"ours": ours, "official": official, "ratio_ours_over_official": ratio}

@@ -15,16 +15,16 @@ METHODS = ["baseline", "am1", "fastface-am1"]
 def test_tiny_run_reports_every_figure(tmp_path):
     out = tmp_path / "e2e.json"
     main(["--tiny", "--repeats", "1", "--threads", "1", "--methods", ",".join(METHODS), "--out", str(out),
-          "--weights", str(tmp_path / "weights"), "--sides", "ours,official,ours-unfused"])
+          "--weights", str(tmp_path / "weights"), "--sides", "ours,official,ours-fused"])
     result = json.loads(out.read_text())
-    assert result["sides"] == ["ours", "official", "ours-unfused"]
+    assert result["sides"] == ["ours", "official", "ours-fused"]
     summary = result["summary"]
     for m in METHODS:
         row = summary["methods"][m]
         for side in result["sides"]:
             assert row[side]["min"] > 0 and row[side]["median"] >= row[side]["min"]
-        assert row["ours/official"]["min"] > 0 and row["ours-unfused/official"]["min"] > 0
-        assert row["official"]["evals"] == 12 and row["ours-unfused"]["evals"] == row["ours"]["evals"]
+        assert row["ours/official"]["min"] > 0 and row["ours-fused/official"]["min"] > 0
+        assert row["official"]["evals"] == 12 and row["ours-fused"]["evals"] == row["ours"]["evals"]
     assert summary["methods"]["am1"]["ours"]["evals"] == 4  # AM1 alone: one branch per step
     assert summary["methods"]["fastface-am1"]["ours"]["evals"] == 10
     for side in result["sides"]:
