@@ -189,7 +189,8 @@ class FacePreparer(ABC):
 
 class InstallHandle:
     """An adapter installed in a UNet: the identity branches set on attention layers and the submodules swapped in,
-    with an exact ``remove()`` (also on context exit). Adapters subclass it for their own runtime switches."""
+    with an exact ``remove()`` (also on context exit; a swapped-in module's ``restore_base()``, if it has one, runs
+    before the original goes back). Adapters subclass it for their own runtime switches."""
 
     def __init__(self, adapter: Any, plan: Iterable[tuple[nn.Module, nn.Module | None, Mapping[str, nn.Module]]]):
         """``plan``: (attention layer, identity branch or None, {slot: new module}) per layer; slots are attribute
@@ -231,7 +232,10 @@ class InstallHandle:
             if ip is not None and attn.ip is not ip:
                 raise RuntimeError("cannot remove the adapter: the identity branch was replaced after installation")
         for attn, ip, swapped in reversed(self._installed):
-            for slot, (old, _new) in swapped.items():
+            for slot, (old, new) in swapped.items():
+                restore = getattr(new, "restore_base", None)  # e.g. a fused LoRA copies the original weight back
+                if callable(restore):
+                    restore()
                 _set_slot(attn, slot, old)
             if ip is not None:
                 attn.ip = None

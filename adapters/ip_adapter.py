@@ -421,11 +421,11 @@ class IPAdapterHandle(InstallHandle):
             m.set_scale(scale)
 
     def fuse_lora(self) -> None:
-        """Precompute ``W + scale·U·D`` for speed (extra memory: one copy of each wrapped weight)."""
+        """Precompute ``W + scale·U·D`` into each wrapped weight for speed (the originals kept on the CPU)."""
         for m in self.lora_modules:
             m.fuse()
 
     def unfuse_lora(self) -> None:
-        """Back to the exact unfused LoRA computation."""
+        """Back to the exact unfused LoRA computation (the original weights copied back)."""
         for m in self.lora_modules:
             m.unfuse()

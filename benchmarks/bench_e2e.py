@@ -14,8 +14,9 @@ are a lower bound; its FaceID LoRA is diffusers' PEFT adapter ``faceid_0``, comp
 ``--compile`` adds our pipeline with its UNet compiled (``compile=True``, i.e. ``fastface.compile_unet``). The
 adapter's own LoRA: ``ours`` uses the pipeline's default for the device (unfused on the CPU, fused on an accelerator);
 ``ours-unfused`` forces it computed beside each projection, as diffusers does (``fuse_adapter_lora=False``), and
-``ours-fused`` forces ``W + ΔW`` precomputed (``fuse_adapter_lora=True``), which keeps ``W`` too for an exact
-``lora_scale`` change or ``remove()``: one more copy of every attention projection (SDXL: ~1.9 GB fp16, ~3.8 GB fp32).
+``ours-fused`` forces ``W + ΔW`` precomputed in place (``fuse_adapter_lora=True``), which keeps ``W`` in host memory
+for an exact ``lora_scale`` change or ``remove()``: one more host copy of every attention projection (SDXL: ~1.9 GB
+fp16, ~3.8 GB fp32), none on an accelerator.
 
 Each side runs in its own subprocess (peak RSS = the kernel's VmHWM of that process): it loads, makes one warm-up
 image per method, then times one image per method. The sides alternate over ``--repeats`` rounds; the table shows
@@ -51,7 +52,7 @@ from benchmarks.bench_unet import peak_rss
 log = logging.getLogger(__name__)
 SIDES = ("ours", "official")
 # Our pipeline's variants: its UNet compiled (compile=True); the adapter's LoRA forced unfused (computed beside each
-# projection, as diffusers' PEFT layers do) or fused (a precomputed copy of the weights); "ours" is the device default.
+# projection, as diffusers' PEFT layers do) or fused (precomputed into the weights); "ours" is the device default.
 VARIANTS = {"ours": {}, "ours-compiled": {"compile": True}, "ours-unfused": {"fuse_adapter_lora": False},
             "ours-fused": {"fuse_adapter_lora": True}}
 ALL_SIDES = (*SIDES, "ours-compiled", "ours-unfused", "ours-fused")

@@ -14,8 +14,8 @@ Sections, in order (each is timed and recorded; a failing section records its er
 3. ``images``: seconds per 1024² image per method, ours (adapter LoRA fused, the GPU default) vs the
    official-equivalent pipeline (:mod:`benchmarks.bench_e2e`), fp16, and peak VRAM per method.
 4. ``images_unfused``: our pipeline with the adapter's LoRA unfused (``fuse_adapter_lora=False``, as diffusers' PEFT
-   layers run it): seconds and peak VRAM per method; the default on a GPU (fused) keeps one more copy of the
-   attention projections (~1.9 GB in fp16) for its speed, so this is the like-for-like memory figure.
+   layers run it): seconds and peak VRAM per method (the default on a GPU, fused, writes the LoRA into the
+   projections in place and keeps the originals in host memory, so both should need the same VRAM).
 5. ``offload``: peak VRAM per method with our pipeline's ``offload`` option (when the Pipeline has one).
 6. ``unet_compiled``: the UNet forward compiled (``torch.compile``, ``mode="reduce-overhead"``: CUDA graphs),
    ours vs diffusers.

@@ -208,10 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
     lora = g.add_mutually_exclusive_group()
     lora.add_argument("--unfused-lora", action="store_true",
                       help="run the adapter's LoRA beside each projection, as diffusers does (the default on the CPU): "
-                      "one copy of the attention projections less than --fused-lora (SDXL: ~1.9 GB in fp16)")
+                      "no host copy of the attention projections, as --fused-lora keeps (SDXL: ~1.9 GB in fp16)")
     lora.add_argument("--fused-lora", action="store_true",
-                      help="precompute the adapter's LoRA into a copy of the attention projections (the default on "
-                      "an accelerator): fewer FLOPs per step, one more copy of those weights in memory")
+                      help="precompute the adapter's LoRA into the attention projections (the default on an "
+                      "accelerator): fewer FLOPs per step; the originals are kept in host memory")
     g.add_argument("--vae-tile", type=int, metavar="LATENTS", help="decode in tiles of this many latents per side "
                    "(0: never; default: tiles of 1024 px above 1024 px)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -66,11 +66,12 @@ def resolve_fuse_adapter_lora(fuse: bool | None, device: torch.device) -> bool:
     """Whether an adapter's own LoRA is precomputed into the weights: ``fuse`` when given, else only off the CPU.
 
     Fusing saves the LoRA's two low-rank GEMMs per projection (at rank 128, 20-40 % more FLOPs on a 1280/640-wide
-    projection) but keeps one more copy of every attention projection for the exact ``remove()`` (SDXL fp32
-    ~3.8 GB, fp16 ~1.9 GB). Measured at the real shapes on a 2-core CPU (256 px, fp32): fused was as fast for
-    baseline and am1 and 6-9 % faster for fastface-am1, at a peak memory 19 % above the unfused pipeline's, which is
-    below diffusers'. So the CPU, where memory is the limit, defaults to unfused; a GPU, where the UNet is
-    compute-bound and 1.9 GB is small, to fused.
+    projection). It writes ``W + ΔW`` into the projections in place and keeps the originals in host memory for the
+    exact ``remove()`` / ``lora_scale`` change (SDXL fp32 ~3.8 GB, fp16 ~1.9 GB): no extra memory on an
+    accelerator, one more copy of those weights on the CPU. Measured at the real shapes on a 2-core CPU (256 px,
+    fp32): fused was as fast for baseline and am1 and 6-9 % faster for fastface-am1, at a peak memory 19 % above
+    the unfused pipeline's, which is below diffusers'. So the CPU, where memory is the limit, defaults to unfused;
+    an accelerator, where the UNet is compute-bound and the copy stays in host memory, to fused.
     """
     if fuse is not None:
         if not isinstance(fuse, bool):
@@ -144,9 +145,8 @@ class Pipeline:
         ``unet`` (UNet folder or file), ``weights`` (the distilled LoRA file, or lightning's UNet file),
         ``vae`` (folder, file or repo id), ``adapter_file``, ``face_root`` (insightface folder with
         ``models/<pack>``, default ``~/.insightface``; with ``download`` a missing pack is fetched from the
-        insightface releases). ``fuse_adapter_lora``: True precomputes an adapter's LoRA into a copy of
-        each projection (fewer FLOPs; one more copy of the attention projections in memory; a new ``lora_scale``
-        re-fuses), False computes it beside each projection as diffusers does; default (None): fused on an
+        insightface releases). ``fuse_adapter_lora``: True precomputes an adapter's LoRA into the
+        projections (fewer FLOPs; the original projections kept in host memory; a new ``lora_scale`` re-fuses), False computes it beside each projection as diffusers does; default (None): fused on an
         accelerator, unfused on the CPU (see :func:`resolve_fuse_adapter_lora`). ``compile``: the UNet through
         :func:`fastface.compile_unet` (True, or a dict of :func:`torch.compile` arguments); ``offload``: parts on the CPU, each on ``device`` only in use; ``vae_tile``:
         decode tile in latents (0: never; default tiles above 1024 px); see :mod:`fastface.stages`.

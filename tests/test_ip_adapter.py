@@ -537,6 +537,42 @@ def test_install_remove_is_bit_identical(tmp_path_factory, unets):
     assert {name: m for name, m in ours.named_modules()} == before_modules
 
 
+def test_fused_lora_is_in_place_and_remove_while_fused_restores(tmp_path_factory, unets):
+    """Fusing writes W + s·U·D into each wrapped weight (no second copy where the UNet lives; W kept on the CPU),
+    equals the out-of-place fused linear exactly, re-fuses from W without drift, and remove() while fused puts the
+    original weights back bit for bit."""
+    cfg, ours, _ = unets
+    bin_path, _ = _unet_files(tmp_path_factory, cfg, plus=False, seed=31)
+    adapter = IPAdapterFaceID.from_file(bin_path)
+    inputs, emb, _ = _inputs(cfg, seed=13)
+    x, t, ctx, te, ti = inputs
+    weights = {k: v.clone() for k, v in ours.state_dict().items()}
+
+    def nbytes(module: nn.Module) -> int:
+        return sum(p.numel() * p.element_size() for p in [*module.parameters(), *module.buffers()])
+
+    with torch.no_grad():
+        handle = adapter.install(ours, lora_scale=0.7)
+        tokens = adapter.encode(emb)
+        size = nbytes(ours)
+        handle.fuse_lora()
+        assert nbytes(ours) == size  # in place: the UNet holds no more tensor bytes than unfused
+        loras = handle.lora_modules
+        assert all(m.is_fused and m._original.device.type == "cpu" for m in loras)
+        m = loras[0]
+        xx = torch.randn(5, m.in_features, generator=torch.Generator().manual_seed(0))
+        delta = m.up.weight.float() @ m.down.weight.float()
+        w = (m._original.float() + m.scale.float() * delta).to(m.base.weight.dtype)
+        assert torch.equal(m(xx), torch.nn.functional.linear(xx, w, m.base.bias))
+        fused = ours(x, t, ctx, te, ti, id_tokens=tokens, id_scale=0.8)
+        handle.set_lora_scale(0.3)
+        handle.set_lora_scale(0.7)
+        assert torch.equal(ours(x, t, ctx, te, ti, id_tokens=tokens, id_scale=0.8), fused)  # no drift
+        handle.remove()  # while fused
+    after = ours.state_dict()
+    assert after.keys() == weights.keys() and all(torch.equal(after[k], weights[k]) for k in weights)
+
+
 def test_install_errors(tmp_path_factory, tmp_path, unets):
     cfg, ours, _ = unets
     bin_path, _ = _unet_files(tmp_path_factory, cfg, plus=False, seed=40)

@@ -2,9 +2,10 @@
 
 The low-rank update is kept unfused by default, so the output is computed exactly as the reference
 implementations do (``x·Wᵀ + (x·Dᵀ)·Uᵀ``). ``scale`` is a 0-dim buffer: changing it is an in-place fill,
-needs no reload and causes no recompilation. ``fuse()`` precomputes ``W + scale·U·D`` into a separate
-buffer for speed (one matmul instead of three) without touching the wrapped layer, so unwrapping always
-restores the original module exactly.
+needs no reload and causes no recompilation. ``fuse()`` precomputes ``W + scale·U·D`` for speed (one matmul
+instead of three) into the wrapped layer's weight, in place, and keeps the original ``W`` on the CPU: the device the
+layer runs on holds no second copy (a GPU's memory is the scarce one), and ``unfuse()`` (which an adapter's
+``remove()`` calls) copies the original back, so unwrapping restores the original module exactly.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ class LoRALinear(nn.Module):
         self.down = nn.Linear(base.in_features, rank, bias=False, **factory)  # D: [r, in]
         self.up = nn.Linear(rank, base.out_features, bias=False, **factory)  # U: [out, r]
         self.register_buffer("scale", torch.tensor(float(scale), device=weight.device), persistent=False)
-        self.register_buffer("fused_weight", None, persistent=False)
+        self._original: torch.Tensor | None = None  # while fused: W before fusing, on the CPU (not a buffer: stays)
 
     @classmethod
     def from_weights(
@@ -72,29 +73,48 @@ class LoRALinear(nn.Module):
 
     @property
     def is_fused(self) -> bool:
-        return self.fused_weight is not None
+        return self._original is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused_weight is not None:
-            return F.linear(x, self.fused_weight, self.base.bias)
+        if self._original is not None:  # the base weight holds W + scale·U·D
+            return self.base(x)
         return self.base(x) + self.up(self.down(x)) * self.scale
 
     def set_scale(self, scale: float) -> None:
-        """Set the LoRA strength in place (no reload); a fused weight is recomputed."""
+        """Set the LoRA strength in place (no reload); a fused weight is recomputed from the original."""
         self.scale.fill_(float(scale))
-        if self.fused_weight is not None:
+        if self._original is not None:
             self.fuse()
 
     @torch.no_grad()
     def fuse(self) -> None:
-        """Precompute ``W + scale·U·D`` (in fp32, stored in the layer dtype); the wrapped layer is untouched."""
-        w = self.base.weight
-        delta = self.up.weight.float() @ self.down.weight.float()  # [out, in]
-        self.fused_weight = (w.float() + self.scale.float() * delta).to(w.dtype)
+        """Write ``W + scale·U·D`` (summed in fp32, one rounding to the layer dtype) into the wrapped layer's weight.
 
+        The first fuse keeps ``W`` on the CPU (one host copy of the weight; none on the layer's device); a later one
+        (a new scale) starts again from it. The values equal an out-of-place ``F.linear`` with the fused weight.
+        """
+        w = self.base.weight
+        original = w if self._original is None else self._original.to(w.device)
+        delta = self.up.weight.float() @ self.down.weight.float()  # [out, in]
+        fused = (original.float() + self.scale.float() * delta).to(w.dtype)
+        if self._original is None:
+            self._original = w.detach().to("cpu", copy=True)
+        with torch.inference_mode():  # also valid for weights created under inference mode
+            w.copy_(fused)
+
+    @torch.no_grad()
     def unfuse(self) -> None:
-        """Drop the fused weight and go back to the exact unfused computation."""
-        self.fused_weight = None
+        """Copy the original weight back and go back to the exact unfused computation (no-op when not fused)."""
+        if self._original is None:
+            return
+        w = self.base.weight
+        with torch.inference_mode():
+            w.copy_(self._original.to(w.device))
+        self._original = None
+
+    def restore_base(self) -> None:
+        """Leave the wrapped layer as it was before wrapping (called before an adapter swaps it back in)."""
+        self.unfuse()
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, fused={self.is_fused}"
