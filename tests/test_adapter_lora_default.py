@@ -4,8 +4,8 @@ Tiny weights in the real layouts (:func:`fastface.selfcheck.write_tiny_weights`)
 
 * the rule: an explicit True/False wins; None is fused for ``cuda``/``mps``/``xpu`` devices, unfused for ``cpu``;
   anything else is a TypeError that names the three choices.
-* the CPU default pipeline computes the LoRA beside each projection (no fused copy held), ``True`` holds one fused
-  weight per LoRA layer, and the two make the same image within fp32 rounding (max |difference| <= 1e-4 on pixels in
+* the CPU default pipeline computes the LoRA beside each projection (nothing fused), ``True`` fuses every LoRA
+  layer, and the two make the same image within fp32 rounding (max |difference| <= 1e-4 on pixels in
   [0, 1] after 4 steps; the per-layer fused == unfused check is tests/test_ip_adapter.py's).
 * the CLI: ``--fused-lora`` / ``--unfused-lora`` reach the pipeline as True / False, neither as None, both at once is
   a usage error; a batch records ``unfused_lora`` exactly when its pipeline runs unfused (the CPU default included).
