@@ -146,10 +146,12 @@ class Pipeline:
         ``vae`` (folder, file or repo id), ``adapter_file``, ``face_root`` (insightface folder with
         ``models/<pack>``, default ``~/.insightface``; with ``download`` a missing pack is fetched from the
         insightface releases). ``fuse_adapter_lora``: True precomputes an adapter's LoRA into the
-        projections (fewer FLOPs; the original projections kept in host memory; a new ``lora_scale`` re-fuses), False computes it beside each projection as diffusers does; default (None): fused on an
-        accelerator, unfused on the CPU (see :func:`resolve_fuse_adapter_lora`). ``compile``: the UNet through
-        :func:`fastface.compile_unet` (True, or a dict of :func:`torch.compile` arguments); ``offload``: parts on the CPU, each on ``device`` only in use; ``vae_tile``:
-        decode tile in latents (0: never; default tiles above 1024 px); see :mod:`fastface.stages`.
+        projections (fewer FLOPs; the original projections kept in host memory; a new ``lora_scale`` re-fuses),
+        False computes it beside each projection as diffusers does; default (None): fused on an accelerator,
+        unfused on the CPU (see :func:`resolve_fuse_adapter_lora`). ``compile``: the UNet through
+        :func:`fastface.compile_unet` (True, or a dict of :func:`torch.compile` arguments); ``offload``: parts on
+        the CPU, each on ``device`` only in use; ``vae_tile``: decode tile in latents (0: never; default tiles above
+        1024 px); see :mod:`fastface.stages`.
         ``recipe_overrides``: the adapter's load options (local files it uses, e.g. ``image_encoder``, ``eva``; see
         its ``options``) and model recipe fields (``sampler``, ``sampler_params``, ``spacing``, ``resolution``,
         ``guidance``, ``lora_scale``, ...).

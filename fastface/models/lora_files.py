@@ -380,7 +380,8 @@ def _target(unet: nn.Module, module_name: str) -> nn.Parameter:
     base = getattr(module, "base", None)  # a runtime LoRA wrapper (fastface.models.lora.LoRALinear): fuse into its base
     if isinstance(base, (nn.Linear, nn.Conv2d)):
         if getattr(module, "is_fused", False):
-            raise ValueError(f"{module_name}: a runtime LoRA wrapper has its LoRA fused into the weight; unfuse it first")
+            raise ValueError(f"{module_name}: a runtime LoRA wrapper has its LoRA fused into the weight; "
+                             "unfuse it first")
         module = base
     return module.weight
 
